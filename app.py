@@ -1,0 +1,33 @@
+"""RetriNet Studio: ``python app.py`` serves the studio on http://127.0.0.1:7860."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="RetriNet Studio")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to serve on (0.0.0.0 to reach it from other machines)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port")
+    p.add_argument("--zoo", choices=("demo", "sd15"), default="demo",
+                   help="model family: the tiny CPU demo models, or Stable Diffusion 1.5 on a GPU")
+    p.add_argument("--config", default=None, help="model family config file (Hub ids or local folders)")
+    p.add_argument("--data", default=None,
+                   help="data set folder for the Data tab (default: a small Toybooru made on first start)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from studio.app import build_studio, launch
+    from studio.engine import Engine
+
+    engine = Engine(zoo=args.zoo, config=args.config, data=args.data)
+    engine.ensure_default_dataset()
+    launch(build_studio(engine), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

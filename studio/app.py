@@ -1,0 +1,27 @@
+"""Compose the studio from its tabs. Gradio only: the engine does the work."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio import data_tab
+from studio.engine import Engine
+
+TITLE = "RetriNet Studio"
+THEME = gr.themes.Soft(primary_hue="indigo")
+
+
+def build_studio(engine: Engine) -> gr.Blocks:
+    """The whole studio as one ``gr.Blocks``; launch it with ``launch(demo)``."""
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\nSubject-driven generation from reference pictures: RetriNet concept "
+                    f"composition, Semantica variations, scored sweeps and training. "
+                    f"Model family: **{engine.zoo}**.")
+        with gr.Tabs():
+            data_tab.build(engine, demo)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs):
+    """Queue and serve ``demo``; keyword arguments go to ``gr.Blocks.launch``."""
+    return demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, theme=THEME, **kwargs)
