@@ -1,23 +1,20 @@
 """Data benchmarks for BENCHMARKS.md: Toybooru's drawing rate and the loader's cost per sample,
 the latter as a ratio to just decoding the same PNG files (the floor any loader pays).
 
-    python scripts/bench_data.py
+    python -m benchmarks.data
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from PIL import Image
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from training.data.retribooru import RetriBooruDataset  # noqa: E402
-from training.data.toybooru import generate  # noqa: E402
+from training.data.retribooru import RetriBooruDataset
+from training.data.toybooru import generate
 
 
 def main() -> None:

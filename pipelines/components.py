@@ -1,0 +1,120 @@
+"""Components of the Stable Diffusion family, built from configurations with random weights.
+
+Two sizes of the same classes (diffusers ``UNet2DConditionModel`` / ``AutoencoderKL``,
+transformers ``CLIPTextModel`` / ``CLIPTokenizer``):
+
+- ``sd15``: the real Stable Diffusion 1.5 configurations, so that the loading and model code is
+  exercised at full size without downloading anything;
+- ``tiny``: the same classes a few thousand times smaller, for fast tests and the demo family.
+
+The tokenizer of both is a real ``CLIPTokenizer`` over a character-level vocabulary written
+here (CLIP's byte-level alphabet, no merges): the BPE vocabulary of CLIP cannot be downloaded on
+an offline machine, and the text models here only need a tokenizer that behaves like CLIP's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SD15_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 512,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+}
+SD15_TEXT = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
+}
+SD15_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
+}
+
+TINY_UNET = {
+    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8,
+}
+TINY_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "sample_size": 64,
+    "block_out_channels": (16, 32), "norm_num_groups": 8,
+    "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+}
+TINY_TEXT = {
+    "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32,
+}
+SIZES = {
+    "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT),
+    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_char_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
+    """Write a character-level ``CLIPTokenizer`` (514 tokens) to ``folder`` and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length,
+                        pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def char_tokenizer(cache: str | Path | None = None) -> CLIPTokenizer:
+    """The character-level CLIP tokenizer (written to a temporary folder unless ``cache``)."""
+    import tempfile
+
+    folder = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="char-clip-tokenizer-"))
+    if not (folder / "vocab.json").is_file():
+        write_char_tokenizer(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def build_components(size: str = "tiny", seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> dict:
+    """Random-weight ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler``."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    unet_cfg, vae_cfg, text_cfg = SIZES[size]
+    tokenizer = tokenizer or char_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **text_cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    if text_cfg["vocab_size"] < len(tokenizer):
+        raise ValueError(f"a vocabulary of {text_cfg['vocab_size']} is too small for {len(tokenizer)} tokens")
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
+            "scheduler": PNDMScheduler(**SD15_SCHEDULER)}

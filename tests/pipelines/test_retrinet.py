@@ -1,0 +1,381 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from PIL import Image
+from torch import nn
+
+from pipelines.components import build_components
+from pipelines.retrinet import ControlCrossAttention, Reference, RetriNetModel, RetriNetPipeline
+
+
+class SeedControlCrossAttention(nn.Module):
+    """Seed 002, A.4, Code 1, verbatim."""
+
+    def __init__(self, in_channels, num_heads):
+        super().__init__()
+        self.norm0 = nn.LayerNorm(in_channels)
+        self.norm1 = nn.LayerNorm(in_channels)
+        self.norm2 = nn.LayerNorm(in_channels)
+        self.gelu = nn.GELU()
+        self.cross_attention = nn.MultiheadAttention(in_channels, num_heads, batch_first=True)
+        self.linear = nn.Linear(in_channels, in_channels)
+
+    def forward(self, hs, control):
+        control = control.reshape(hs.shape[0], control.shape[0] // hs.shape[0] * control.shape[1], control.shape[2])
+        hs = self.norm0(hs)
+        control = self.norm1(control)
+        hs = self.cross_attention(hs, control, control)[0] + hs
+        hs = self.gelu(self.linear(self.norm2(hs))) + hs
+        return hs
+
+
+@pytest.fixture(scope="module")
+def components():
+    return build_components("tiny", seed=0)
+
+
+@pytest.fixture
+def pipe(components):
+    torch.manual_seed(1)
+    p = RetriNetPipeline(**components, retrinet=RetriNetModel.from_unet(components["unet"]))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def sd_pipe(components, scheduler=None):
+    p = StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                tokenizer=components["tokenizer"], unet=components["unet"],
+                                scheduler=scheduler or components["scheduler"], safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def perturb(retrinet, std=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in [*retrinet.zero_convs, retrinet.mid_zero_conv]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * std)
+    return retrinet
+
+
+def picture(color, size=(48, 64)):
+    img = Image.new("RGB", size, color)
+    img.paste((255, 255, 255), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return img
+
+
+REFS = [Reference(picture((220, 40, 40)), "face"), (picture((40, 40, 220)), "clothes")]
+CALL = dict(num_inference_steps=4, height=32, width=32, output_type="latent")
+
+
+def run(p, refs=REFS, seed=0, **kw):
+    return p("1girl, red hair", refs, generator=torch.Generator().manual_seed(seed), **{**CALL, **kw}).images
+
+
+# ---------------------------------------------------------------------------- ControlCrossAttention
+
+def test_control_cross_attention_matches_the_seed_code():
+    torch.manual_seed(0)
+    seed = SeedControlCrossAttention(64, 8)
+    for p in seed.parameters():  # random weights everywhere, not the default init
+        nn.init.normal_(p, std=0.3)
+    ours = ControlCrossAttention(64, 8)
+    ours.load_state_dict(seed.state_dict())  # the seed's state dict loads as it is
+    hs, control = torch.randn(3, 50, 64), torch.randn(3 * 4, 20, 64)  # B = 3, N = 4
+    assert torch.allclose(ours(hs, control), seed(hs, control), atol=1e-6)
+    assert list(dict(ours.named_children())) == ["norm0", "norm1", "norm2", "gelu", "cross_attention", "linear"]
+
+
+def test_shared_references_give_the_seed_result():
+    torch.manual_seed(0)
+    seed = SeedControlCrossAttention(64, 8)
+    for p in seed.parameters():
+        nn.init.normal_(p, std=0.3)
+    ours = ControlCrossAttention(64, 8)
+    ours.load_state_dict(seed.state_dict())
+    hs = torch.randn(5, 50, 64)
+    groups = torch.randn(2 * 3, 20, 64)  # G = 2 groups of N = 3 references
+    index = torch.tensor([0, 1, 1, 0, 1])
+    per_sample = groups.view(2, 3, 20, 64)[index].reshape(5 * 3, 20, 64)  # what the seed needs: (B * N, L, C)
+    assert torch.allclose(ours(hs, groups, index, 3), seed(hs, per_sample), atol=1e-5)
+    one = groups[:3]
+    assert torch.allclose(ours(hs, one, torch.zeros(5, dtype=torch.long), 3), seed(hs, one.repeat(5, 1, 1)),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="groups of 4"):
+        ours(hs, groups, index, 4)
+
+
+def test_control_cross_attention_checks_its_inputs():
+    with pytest.raises(ValueError, match="heads"):
+        ControlCrossAttention(30, 8)
+    with pytest.raises(ValueError, match="split evenly"):
+        ControlCrossAttention(16, 4)(torch.randn(3, 5, 16), torch.randn(4, 5, 16))
+
+
+# ---------------------------------------------------------------------------- the model
+
+def features_for(retrinet, g, n, seed=0, size=8):
+    gen = torch.Generator().manual_seed(seed)
+    lat = torch.randn(g * n, 4, size, size, generator=gen)
+    emb = torch.randn(g * n, 77, 32, generator=gen)
+    return retrinet(lat, 500, emb, n)
+
+
+def test_zero_convolutions_make_retrinet_the_base_model(components):
+    unet = components["unet"]
+    retrinet = RetriNetModel.from_unet(unet)
+    x, ehs = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        base = unet(x, 500, encoder_hidden_states=ehs).sample
+        for seed in range(3):
+            out = retrinet.denoise(unet, x, 500, ehs, features_for(retrinet, 2, 3, seed))
+            assert torch.allclose(out, base, atol=1e-5)
+        perturb(retrinet)
+        f = features_for(retrinet, 2, 3)
+        changed = retrinet.denoise(unet, x, 500, ehs, f)
+        assert (changed - base).abs().max() > 1e-3
+        assert torch.allclose(retrinet.denoise(unet, x, 500, ehs, f, retrieval_scale=0.0), base, atol=1e-6)
+        # outside the injection the UNet is untouched, hooks or not
+        assert torch.equal(unet(x, 500, encoder_hidden_states=ehs).sample, base)
+
+
+def test_each_sample_reads_only_its_own_references(components):
+    unet = components["unet"]
+    retrinet = perturb(RetriNetModel.from_unet(unet))
+    x, ehs = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    gen = torch.Generator().manual_seed(0)
+    lat, emb = torch.randn(2 * 3, 4, 8, 8, generator=gen), torch.randn(6, 77, 32, generator=gen)
+    with torch.no_grad():
+        a = retrinet.denoise(unet, x, 500, ehs, retrinet(lat, 500, emb, 3))
+        lat2 = lat.clone()
+        lat2[3:] = torch.randn(3, 4, 8, 8, generator=gen)  # new references for sample 1 only
+        b = retrinet.denoise(unet, x, 500, ehs, retrinet(lat2, 500, emb, 3))
+    assert torch.allclose(a[0], b[0], atol=1e-6)
+    assert (a[1] - b[1]).abs().max() > 1e-3
+
+
+def test_retrieval_encoder_copies_the_unet_encoder(components):
+    unet = components["unet"]
+    retrinet = RetriNetModel.from_unet(unet)
+    for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+        ours, theirs = getattr(retrinet, name).state_dict(), getattr(unet, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    fresh = RetriNetModel.from_unet(unet, load_weights_from_unet=False)
+    assert not torch.equal(fresh.conv_in.weight, unet.conv_in.weight)
+    # one cross-attention and one zero convolution per skip the decoder reads: conv_in, block 0's
+    # resnet and downsampler, block 1's resnet
+    assert retrinet.num_skips == len(retrinet.cross_attentions) == 4
+    assert retrinet.num_skips == sum(len(b.resnets) for b in unet.up_blocks)
+    assert all(not c.weight.any() and not c.bias.any() for c in [*retrinet.zero_convs, retrinet.mid_zero_conv])
+    assert not hasattr(retrinet, "controlnet_cond_embedding")
+
+
+def test_from_unet_rejects_unsupported_unets():
+    from diffusers import UNet2DConditionModel
+    from pipelines.components import TINY_UNET
+
+    with pytest.raises(ValueError, match="supports Stable Diffusion 1.x"):
+        RetriNetModel.from_unet(UNet2DConditionModel(**TINY_UNET, class_embed_type="timestep"))
+
+
+def test_training_modes(components):
+    unet = components["unet"]
+    retrinet = RetriNetModel.from_unet(unet)
+    try:
+        params = retrinet.set_training_mode(unet, "default")
+        assert all(p.requires_grad for p in retrinet.parameters())
+        assert all(p.requires_grad for p in unet.up_blocks.parameters()) and unet.conv_out.weight.requires_grad
+        assert not any(p.requires_grad for m in (unet.conv_in, unet.down_blocks, unet.mid_block, unet.time_embedding)
+                       for p in m.parameters())
+        assert len(params) == len(list(retrinet.parameters())) + sum(
+            1 for m in (unet.up_blocks, unet.conv_norm_out, unet.conv_out) for _ in m.parameters())
+        retrinet.set_training_mode(unet, "lock_decoder")
+        assert not any(p.requires_grad for p in unet.parameters())
+        assert all(p.requires_grad for p in retrinet.parameters())
+        params = retrinet.set_training_mode(unet, "lock_both")
+        bridge = {id(p) for m in (retrinet.cross_attentions, retrinet.zero_convs, retrinet.mid_cross_attention,
+                                  retrinet.mid_zero_conv) for p in m.parameters()}
+        assert {id(p) for p in params} == bridge
+        with pytest.raises(ValueError, match="unknown training mode"):
+            retrinet.set_training_mode(unet, "lock_everything")
+    finally:
+        unet.requires_grad_(False)
+
+
+def test_gradients_reach_the_zero_convolutions(components):
+    unet = components["unet"]
+    retrinet = RetriNetModel.from_unet(unet)
+    try:
+        retrinet.set_training_mode(unet, "default")
+        x, ehs = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+        out = retrinet.denoise(unet, x, torch.tensor([10, 900]), ehs, features_for(retrinet, 2, 2))
+        out.square().mean().backward()
+        assert retrinet.zero_convs[0].weight.grad.abs().sum() > 0 and retrinet.mid_zero_conv.weight.grad.abs().sum() > 0
+        assert unet.up_blocks[0].resnets[0].conv1.weight.grad is not None
+        assert unet.down_blocks[0].resnets[0].conv1.weight.grad is None
+    finally:
+        unet.requires_grad_(False)
+        unet.zero_grad(set_to_none=True)
+
+
+def test_injection_is_per_thread(components):
+    unet = components["unet"]
+    retrinet = perturb(RetriNetModel.from_unet(unet))
+    x, ehs = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        base = unet(x, 500, encoder_hidden_states=ehs).sample
+        seen = {}
+        inside, leave = threading.Event(), threading.Event()
+
+        def other():
+            inside.wait()
+            seen["other"] = unet(x, 500, encoder_hidden_states=ehs).sample
+            leave.set()
+
+        t = threading.Thread(target=other)
+        t.start()
+        with retrinet.inject(unet, features_for(retrinet, 1, 2)):
+            inside.set()
+            leave.wait(timeout=60)
+        t.join()
+    assert torch.equal(seen["other"], base)
+
+
+def test_model_round_trips_with_safetensors(tmp_path, components):
+    retrinet = perturb(RetriNetModel.from_unet(components["unet"], max_references=6))
+    retrinet.save_pretrained(tmp_path / "rn")
+    assert sorted(p.name for p in (tmp_path / "rn").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    loaded = RetriNetModel.from_pretrained(tmp_path / "rn")
+    assert loaded.config.max_references == 6
+    for (k, a), (_, b) in zip(retrinet.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_pipeline_pictures_of_the_requested_size_deterministically(pipe, n):
+    perturb(pipe.retrinet)
+    concepts = ["face", "clothes", "figure"]
+    refs = [Reference(picture((30 * i, 200 - 20 * i, 90)), concepts[i % 3]) for i in range(n)]
+    a = pipe("1girl", refs, num_inference_steps=2, height=48, width=32, generator=torch.Generator().manual_seed(3))
+    b = pipe("1girl", refs, num_inference_steps=2, height=48, width=32, generator=torch.Generator().manual_seed(3))
+    assert [im.size for im in a.images] == [(32, 48)]
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    c = pipe("1girl", refs, num_inference_steps=2, height=48, width=32, generator=torch.Generator().manual_seed(4))
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(c.images[0]))
+
+
+@pytest.mark.parametrize("scheduler_cls", [None, DDIMScheduler, EulerDiscreteScheduler])
+def test_zero_initialised_pipeline_equals_stable_diffusion(components, pipe, scheduler_cls):
+    # clip_sample=False: StableDiffusionPipeline silently rewrites a config without it; ours does not
+    scheduler = scheduler_cls.from_config(components["scheduler"].config, clip_sample=False) if scheduler_cls \
+        else components["scheduler"]
+    pipe.scheduler = scheduler
+    for kw in ({}, {"negative_prompt": "lowres, bad hands", "guidance_scale": 5.0}):
+        ours = run(pipe, num_inference_steps=6, **kw)
+        theirs = sd_pipe(components, scheduler)("1girl, red hair", generator=torch.Generator().manual_seed(0),
+                                                **{**CALL, "num_inference_steps": 6, "guidance_scale": 7.0, **kw}).images
+        assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_references_change_the_pictures_only_through_retrinet(pipe):
+    base = run(pipe)
+    perturb(pipe.retrinet)
+    other = [Reference(picture((10, 200, 10)), "figure")] * 2
+    a, b = run(pipe), run(pipe, refs=other)
+    assert (a - base).abs().max() > 1e-3 and (a - b).abs().max() > 1e-3
+    assert torch.allclose(run(pipe, retrieval_scale=0.0), base, atol=1e-5)
+
+
+def test_prompt_batch_with_references_per_prompt(pipe):
+    perturb(pipe.retrinet)
+    red, blue, green = ([Reference(picture(c), "face")] * 2 for c in ((220, 20, 20), (20, 20, 220), (20, 220, 20)))
+    gen = torch.Generator().manual_seed(0)
+    a = pipe(["1girl", "1girl"], [red, blue], generator=gen, **CALL).images
+    gen = torch.Generator().manual_seed(0)
+    b = pipe(["1girl", "1girl"], [red, green], generator=gen, **CALL).images
+    assert a.shape[0] == 2
+    assert torch.allclose(a[0], b[0], atol=1e-6)  # sample 0 kept its references
+    assert (a[1] - b[1]).abs().max() > 1e-3
+
+
+def ddim(pipe):
+    """A scheduler whose steps have distinct timesteps (PNDM repeats one), for counting."""
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    return pipe
+
+
+def test_retrieval_encoder_runs_once_per_step_with_guidance_and_batch_4(pipe):
+    ddim(pipe)
+    calls = []
+    handle = pipe.retrinet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        pipe.retrieval_cache.clear()
+        pipe("1girl", REFS, num_images_per_prompt=4, guidance_scale=7.0, **CALL)
+        assert calls == [2] * 4  # 4 steps, one call each, on the 2 references only
+        calls.clear()
+        pipe.retrieval_cache.clear()
+        pipe(["a", "b", "c", "d"], [REFS] * 4, guidance_scale=7.0, **CALL)
+        assert calls == [8] * 4  # 4 groups of 2 references, one batched call per step
+    finally:
+        handle.remove()
+
+
+def test_sweeps_reuse_features_from_a_bounded_cache(pipe):
+    ddim(pipe)
+    calls = []
+    handle = pipe.retrinet.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        pipe.retrieval_cache.clear()
+        for g in (1.0, 4.0, 7.0):
+            for s in (0.5, 1.0):
+                run(pipe, guidance_scale=g, retrieval_scale=s)
+        assert len(calls) == 4  # one sweep cell computes, the other five read the cache
+        assert pipe.retrieval_cache.hits == 20
+        run(pipe, refs=[Reference(picture((1, 2, 3)), "face")])
+        assert len(calls) == 8
+        one = next(iter(pipe.retrieval_cache._items.values())).nbytes()
+        pipe.retrieval_cache.clear()
+        pipe.retrieval_cache.max_bytes = 2 * one
+        run(pipe)
+        assert len(pipe.retrieval_cache) == 2 and pipe.retrieval_cache._bytes <= 2 * one
+    finally:
+        handle.remove()
+        pipe.retrieval_cache.max_bytes = 1 << 30
+
+
+def test_pipeline_round_trips_through_save_pretrained(tmp_path, pipe):
+    perturb(pipe.retrinet)
+    before = run(pipe)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "retrinet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = RetriNetPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.retrinet, RetriNetModel)
+    assert torch.allclose(run(loaded), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"references": []}, "no reference"),
+    ({"references": [(picture((1, 1, 1)), "face")] * 9}, "9 references given, between 1 and 8"),
+    ({"references": [(picture((1, 1, 1)), "hat")]}, "unknown concept 'hat'"),
+    ({"references": ["face"]}, "Reference"),
+    ({"references": [(np.zeros((4, 4, 3)), "face")]}, "PIL image"),
+    ({"height": 33}, "multiples of 2"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"retrieval_scale": -0.5}, "retrieval_scale"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"prompt": ["a", "b", "c"], "references": [REFS, REFS]}, "2 lists of references for 3 prompts"),
+    ({"prompt": ["a", "b"], "references": [REFS, REFS[:1]]}, "same number of references"),
+    ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "1 negative prompts for 2 prompts"),
+    ({"reference_size": 33}, "reference_size"),
+])
+def test_bad_input_raises_value_error(pipe, kwargs, match):
+    args = {"prompt": "1girl", "references": REFS, **CALL, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe(**args)
