@@ -33,3 +33,16 @@ def toybooru_records(toybooru) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (toybooru / "annotations.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion folder (random weights), as `--pretrained` expects."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.components import build_components
+
+    folder = tmp_path_factory.mktemp("tiny-sd") / "sd"
+    StableDiffusionPipeline(**build_components("tiny", seed=0), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder

@@ -157,6 +157,8 @@ class RetriBooruDataset(Dataset):
 
         records, self.skipped = read_annotations(self.root)
         total = len(records) + sum(self.skipped.values())
+        if not records:
+            raise ValueError(f"{root}: no usable record in annotations.jsonl ({total} lines)")
         if split is not None:
             if not any("split" in r for r in records):
                 raise ValueError(f"{root} has no 'split' field; pass split=None to use every record")

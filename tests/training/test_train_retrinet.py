@@ -1,0 +1,222 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from pipelines.retrinet import RetriNetModel
+from training.core import list_checkpoints, read_metrics, resolve_checkpoint
+from training.train_retrinet import RetriNetObjective, load_base, main, parse_args
+from training.data.retribooru import RetriBooruDataset, collate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def argv(tiny_sd, data, out, *extra):
+    return ["--pretrained", str(tiny_sd), "--data", str(data), "--output-dir", str(out), "--resolution", "32",
+            "--num-references", "2", "--train-batch-size", "2", "--gradient-accumulation-steps", "1",
+            "--checkpointing-steps", "100", *map(str, extra)]
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl")}
+
+
+@pytest.mark.parametrize("task", ["recon", "compose", "multitask"])
+@pytest.mark.parametrize("setting", ["a", "b"])
+def test_runs_for_each_task_and_setting(tiny_sd, toybooru, tmp_path, task, setting):
+    result = main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--task", task, "--setting", setting,
+                                  "--max-train-steps", 4)))
+    assert result["global_step"] == 4
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert all(set(r) >= {"loss", "lr", "seconds", "samples_per_second"} and r["loss"] > 0 for r in m)
+    loaded = RetriNetModel.from_pretrained(tmp_path / "retrinet")
+    assert loaded.num_skips == 4
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # the decoder trained
+    card = (tmp_path / "README.md").read_text()
+    assert f"task `{task}`, setting `{setting}`" in card and "--max-train-steps 4" in card
+
+
+def test_loss_halves_on_one_fixed_batch(tiny_sd, toybooru):
+    args = parse_args(argv(tiny_sd, toybooru, "/unused", "--task", "compose", "--prompt-dropout", "0"))
+    vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(str(tiny_sd))
+    retrinet = RetriNetModel.from_unet(unet)
+    params = retrinet.set_training_mode(unet, "default")
+
+    class Acc:  # the objective needs only a device
+        device = torch.device("cpu")
+
+    objective = RetriNetObjective(args, Acc(), vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler,
+                                  torch.float32)
+    ds = RetriBooruDataset(toybooru, "train", task="compose", num_references=2, resolution=32)
+    batch = collate([ds[0], ds[1]])
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    curve = []
+    for _ in range(50):
+        torch.manual_seed(0)  # the same noise and timesteps: one fixed batch
+        loss = objective(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        curve.append(loss.item())
+    assert curve[-1] <= 0.5 * curve[0], curve[::10]
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tiny_sd, toybooru, tmp_path):
+    full = tmp_path / "full"
+    main(parse_args(argv(tiny_sd, toybooru, full, "--max-train-steps", 7, "--checkpointing-steps", 3,
+                         "--gradient-accumulation-steps", 2, "--task", "multitask")))
+    part = tmp_path / "part"
+    main(parse_args(argv(tiny_sd, toybooru, part, "--max-train-steps", 3, "--checkpointing-steps", 3,
+                         "--gradient-accumulation-steps", 2, "--task", "multitask")))
+    # a crash after step 3 leaves lines for steps 4 and 5 and half a line; resume drops them
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n{\"step\": 6, ")
+    main(parse_args(argv(tiny_sd, toybooru, part, "--max-train-steps", 7, "--checkpointing-steps", 3,
+                         "--gradient-accumulation-steps", 2, "--task", "multitask", "--resume-from-checkpoint",
+                         "latest")))
+    a, b = losses(full), losses(part)
+    assert sorted(b) == list(range(1, 8))
+    for step in range(1, 8):
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+    fa = RetriNetModel.from_pretrained(full / "retrinet").state_dict()
+    fb = RetriNetModel.from_pretrained(part / "retrinet").state_dict()
+    assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+
+
+def test_sigkill_and_resume_from_latest(tiny_sd, toybooru, tmp_path):
+    common = ["--max-train-steps", 8, "--checkpointing-steps", 1, "--task", "compose"]
+    full = tmp_path / "full"
+    main(parse_args(argv(tiny_sd, toybooru, full, *common)))
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "training.train_retrinet", *argv(tiny_sd, toybooru, killed, *common)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (killed / "checkpoint-3").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    k, latest = list_checkpoints(killed)[-1]
+    assert 3 <= k < 8
+    # a folder killed mid-write is never "latest": neither a temporary one nor one without its state file
+    (killed / f".checkpoint-{k + 1}.tmp").mkdir(exist_ok=True)
+    shutil.copytree(latest, killed / "checkpoint-99")
+    (killed / "checkpoint-99" / "trainer_state.json").unlink()
+    assert resolve_checkpoint(killed, "latest") == latest
+    main(parse_args(argv(tiny_sd, toybooru, killed, *common, "--resume-from-checkpoint", "latest")))
+    a, b = losses(full), losses(killed)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+    assert not list(killed.glob(".checkpoint-*.tmp"))  # cleaned at start
+
+
+@pytest.mark.parametrize("lock", ["none", "decoder", "both"])
+def test_locks_freeze_exactly_the_intended_parameters(tiny_sd, toybooru, tmp_path, lock):
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--max-train-steps", 2, "--lock", lock)))
+    unet0 = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    rn0 = RetriNetModel.from_unet(unet0).state_dict()
+    rn1 = RetriNetModel.from_pretrained(tmp_path / "retrinet").state_dict()
+    changed = {k for k in rn0 if not torch.equal(rn0[k], rn1[k])}
+    bridge = {k for k in rn0 if k.startswith(("cross_attentions", "zero_convs", "mid_cross_attention", "mid_zero_conv"))}
+    encoder = set(rn0) - bridge - {k for k in rn0 if k.startswith("time_proj")}
+    assert bridge <= changed
+    assert (encoder <= changed) if lock != "both" else not (encoder & changed)
+    if lock == "none":
+        u0 = unet0.state_dict()
+        u1 = UNet2DConditionModel.from_pretrained(tmp_path / "unet").state_dict()
+        moved = {k for k in u0 if not torch.equal(u0[k], u1[k])}
+        decoder = {k for k in u0 if k.startswith(("up_blocks", "conv_norm_out", "conv_out"))}
+        assert moved == decoder
+        n = sum(u0[k].numel() for k in decoder) + sum(rn0[k].numel() for k in rn0)
+        print(f"lock none trains {n} parameters")
+    else:
+        assert not (tmp_path / "unet").exists()
+
+
+def test_checkpoint_limit_keeps_the_newest(tiny_sd, toybooru, tmp_path):
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--max-train-steps", 5, "--checkpointing-steps", 1,
+                         "--checkpoints-total-limit", 2)))
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
+
+
+def test_two_processes_write_one_set_of_outputs(tiny_sd, toybooru, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "training.train_retrinet", *argv(tiny_sd, toybooru, out, "--max-train-steps", 3,
+                                                  "--checkpointing-steps", 2)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "on 2 process(es)" in run.stderr
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")) == \
+        ["random_states_0.pkl", "random_states_1.pkl"]
+    RetriNetModel.from_pretrained(out / "retrinet")
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_clear_errors_before_training(tiny_sd, toybooru, tmp_path):
+    with pytest.raises(FileNotFoundError, match="annotations.jsonl"):
+        main(parse_args(argv(tiny_sd, tmp_path / "nothing", tmp_path / "o1", "--max-train-steps", 1)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "annotations.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no usable record"):
+        main(parse_args(argv(tiny_sd, empty, tmp_path / "o2", "--max-train-steps", 1)))
+    # every record alone in its cluster: nothing to train on under setting b
+    lonely = tmp_path / "lonely"
+    shutil.copytree(toybooru, lonely)
+    recs = [json.loads(x) for x in (lonely / "annotations.jsonl").read_text().splitlines()]
+    (lonely / "annotations.jsonl").write_text("".join(json.dumps({**r, "similar": []}) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="no usable record"):
+        main(parse_args(argv(tiny_sd, lonely, tmp_path / "o3", "--max-train-steps", 1, "--setting", "b")))
+    with pytest.raises(ValueError, match="cannot load the base model"):
+        main(parse_args(argv(tmp_path / "no-model", toybooru, tmp_path / "o4", "--max-train-steps", 1)))
+    # an incompatible checkpoint: other cross-attention heads, or another lock
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 1, "--checkpointing-steps", 1)))
+    with pytest.raises(ValueError, match="does not fit this run"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 2, "--retrieval-attention-heads",
+                             2, "--resume-from-checkpoint", "latest")))
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 2, "--resume-from-checkpoint",
+                             tmp_path / "o5" / "retrinet")))
+    for bad in (["--task", "paint"], ["--lock", "all"], ["--setting", "c"], ["--mixed-precision", "fp8"],
+                ["--num-references", "0"], ["--prompt-dropout", "1.5"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv(tiny_sd, toybooru, tmp_path / "o6", *bad))
+
+
+def test_validation_pictures_and_push_to_hub(tiny_sd, toybooru, tmp_path, monkeypatch):
+    calls = {}
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, exist_ok, token: type("R", (), {"repo_id": f"user/{repo_id}"})())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(kw))
+    result = main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--max-train-steps", 2, "--validation-steps", 2,
+                                  "--num-validation-images", 2, "--validation-inference-steps", 2, "--push-to-hub",
+                                  "--hub-model-id", "retrinet-test")))
+    grid = tmp_path / "validation" / "step-000002.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 32, 2 * 32)
+    assert result["hub_repo"] == "user/retrinet-test"
+    assert calls["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["ignore_patterns"]

@@ -1,0 +1,327 @@
+"""The trainer core every training script shares: data order, the loop, checkpoints, resume, logs.
+
+Modelled on diffusers' example scripts (``examples/controlnet/train_controlnet.py``), and
+stricter where they are weak:
+
+- a checkpoint is written to ``OUT/.checkpoint-STEP.tmp`` by every process and renamed to
+  ``OUT/checkpoint-STEP`` by the main process only when complete (a ``trainer_state.json``
+  written last marks it so); ``latest`` is the newest complete one, never a half-written one;
+  old checkpoints are removed only after the new one is in place;
+- resuming continues at the exact next batch: the data order depends only on (seed, epoch), the
+  consumed batches of the epoch are skipped, and Accelerate restores the model, optimiser,
+  scheduler and every process's RNG states; so a resumed run logs the losses an uninterrupted
+  run logs;
+- ``OUT/metrics.jsonl`` gets one line per logged step (step, loss, lr, seconds, samples/s),
+  flushed at once; on resume the lines after the checkpoint's step are dropped.
+
+A script supplies the models, the optimiser, the scheduler, a data set and a ``loss_fn(batch)``;
+see ``training/train_retrinet.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class EpochSampler(Sampler[int]):
+    """A random order that depends only on (seed, epoch): the same on every process and every run."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class TrainerState:
+    """Where a run is; saved in every checkpoint."""
+
+    global_step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of ``epoch`` consumed (on each process)
+    signature: dict[str, Any] = field(default_factory=dict)  # what must match to resume
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str
+    max_train_steps: int
+    batch_size: int = 1  # per process
+    gradient_accumulation_steps: int = 1
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    logging_steps: int = 1
+    validation_steps: int | None = None
+    seed: int = 0
+    num_workers: int = 0
+    max_grad_norm: float = 1.0
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """An ``Accelerator``; launched as several processes on a machine without a GPU
+    (``accelerate launch --multi_gpu --num_processes 2`` on a CPU), it runs them as one
+    data-parallel job over gloo instead of as independent single-process runs, which is what
+    Accelerate does by itself there."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.cuda.is_available() and "cpu" not in kwargs:
+        kwargs["cpu"] = True
+    return Accelerator(**kwargs)
+
+
+# ---------------------------------------------------------------------- checkpoints on disk
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = CHECKPOINT.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path | None:
+    """``latest`` (None if there is none yet), or a path that must be a complete checkpoint."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"{spec} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def read_state(checkpoint: Path) -> TrainerState:
+    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per logged step, flushed at once; the main process writes."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the well-formed lines up to ``step`` (a resumed run logs the rest again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("step", math.inf) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The well-formed lines of a ``metrics.jsonl`` (what the studio plots)."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Runs ``loss_fn`` over a data set with Accelerate, checkpointing and resuming exactly.
+
+    ``models``: the modules whose weights train (already passed through ``accelerator.prepare``
+    by the caller, with the optimiser and scheduler). ``signature``: facts that a checkpoint must
+    share with this run to be resumed (model sizes, task, ...).
+    """
+
+    def __init__(self, accelerator: Accelerator, config: TrainerConfig, dataset: Dataset,
+                 collate_fn: Callable, models: list[torch.nn.Module], optimizer, lr_scheduler,
+                 loss_fn: Callable[[dict[str, Any]], torch.Tensor], signature: dict[str, Any] | None = None,
+                 validation_fn: Callable[[int], None] | None = None):
+        if config.max_train_steps < 1:
+            raise ValueError(f"max_train_steps must be at least 1, got {config.max_train_steps}")
+        if config.checkpointing_steps < 1:
+            raise ValueError(f"checkpointing_steps must be at least 1, got {config.checkpointing_steps}")
+        if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit must be at least 1, got {config.checkpoints_total_limit}")
+        self.accelerator, self.config = accelerator, config
+        self.dataset, self.models = dataset, models
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.loss_fn, self.validation_fn = loss_fn, validation_fn
+        self.output_dir = Path(config.output_dir)
+        self.state = TrainerState(signature=dict(signature or {}))
+        self.sampler = EpochSampler(len(dataset), config.seed)
+        # a private generator: making a DataLoader iterator then draws nothing from torch's global
+        # RNG, so a run resumed mid-epoch draws the same noise as an uninterrupted one
+        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=self.sampler, collate_fn=collate_fn,
+                            num_workers=config.num_workers, drop_last=True,
+                            generator=torch.Generator().manual_seed(config.seed))
+        if len(loader) == 0:
+            raise ValueError(f"{len(dataset)} samples make no batch of {config.batch_size}")
+        self.loader = accelerator.prepare(loader)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", accelerator.is_main_process)
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.output_dir.glob(".checkpoint-*.tmp"):  # left by a crash mid-write
+                shutil.rmtree(stale, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-STEP`` atomically; then apply ``checkpoints_total_limit``."""
+        acc, step = self.accelerator, self.state.global_step
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".checkpoint-{step}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every process writes its RNG state here
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=1))  # last: marks it complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            limit = self.config.checkpoints_total_limit
+            if limit is not None:
+                for _, old in list_checkpoints(self.output_dir)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, spec: str | None) -> int:
+        """Load ``spec`` ("latest" or a path); return the step the run continues from."""
+        checkpoint = resolve_checkpoint(self.output_dir, spec)
+        if checkpoint is None:
+            if spec and spec != "latest":
+                raise ValueError(f"no checkpoint at {spec}")
+            return 0
+        saved = read_state(checkpoint)
+        mismatched = {k: (saved.signature.get(k), v) for k, v in self.state.signature.items()
+                      if saved.signature.get(k) != v}
+        if mismatched:
+            details = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"checkpoint {checkpoint} does not fit this run ({details})")
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ValueError(f"checkpoint {checkpoint} does not fit these models: {e}") from e
+        self.state = TrainerState(saved.global_step, saved.epoch, saved.batches_in_epoch, self.state.signature)
+        self.metrics.truncate_after(saved.global_step)
+        logger.info("resumed from %s at step %d", checkpoint, saved.global_step)
+        return saved.global_step
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainerState:
+        acc, cfg, st = self.accelerator, self.config, self.state
+        samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        batches_per_epoch = len(self.loader)
+        t_last, step_last = time.perf_counter(), st.global_step
+        step_losses: list[torch.Tensor] = []
+        while st.global_step < cfg.max_train_steps:
+            self.sampler.set_epoch(st.epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(st.epoch)
+            loader = acc.skip_first_batches(self.loader, st.batches_in_epoch) if st.batches_in_epoch else self.loader
+            for batch in loader:
+                with acc.accumulate(*self.models):
+                    loss = self.loss_fn(batch)
+                    step_losses.append(loss.detach())
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        params = [p for m in self.models for p in m.parameters() if p.requires_grad]
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                st.batches_in_epoch += 1
+                if not acc.sync_gradients:
+                    continue
+                st.global_step += 1
+                step_loss = torch.stack(step_losses).mean()  # over the accumulated micro-batches
+                step_losses = []
+                if st.global_step % cfg.logging_steps == 0 or st.global_step == cfg.max_train_steps:
+                    mean_loss = acc.gather(step_loss.reshape(1)).mean().item()  # and over the processes
+                    now = time.perf_counter()
+                    seconds = now - t_last
+                    record = {"step": st.global_step, "loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                              "seconds": seconds, "epoch": st.epoch,
+                              "samples_per_second": samples_per_step * (st.global_step - step_last) / max(seconds, 1e-9)}
+                    self.metrics.write(record)
+                    acc.log({k: v for k, v in record.items() if k != "step"}, step=st.global_step)
+                    t_last, step_last = now, st.global_step
+                paused = False
+                if st.global_step % cfg.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                    paused = True
+                if self.validation_fn and cfg.validation_steps and st.global_step % cfg.validation_steps == 0:
+                    self.validation_fn(st.global_step)
+                    acc.wait_for_everyone()
+                    paused = True
+                if paused:  # the next interval's speed counts training only
+                    t_last, step_last = time.perf_counter(), st.global_step
+                if st.global_step >= cfg.max_train_steps:
+                    break
+            else:
+                st.epoch += 1
+                st.batches_in_epoch = 0
+                continue
+            if st.batches_in_epoch >= batches_per_epoch:
+                st.epoch += 1
+                st.batches_in_epoch = 0
+        acc.wait_for_everyone()
+        return st

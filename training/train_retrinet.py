@@ -1,0 +1,388 @@
+"""Train RetriNet with Accelerate (seed 001, Sec. 5.1 and 5.2; seed 002, A.4).
+
+    accelerate launch -m training.train_retrinet --pretrained PATH_OR_HUB_ID --data DIR --output-dir OUT \\
+        --task compose --setting b --num-references 4 --resolution 256 --max-train-steps 9000
+
+- Base components (VAE, text encoder, tokenizer, UNet, noise scheduler) from a diffusers folder or
+  Hub id; RetriNet from ``RetriNetModel.from_unet`` or ``--retrinet`` (a saved one).
+- Data: ``training.data.retribooru`` (tasks recon / compose / multitask, settings a / b).
+- Loss (seed 001, Eq. 3): MSE(eps * M_valid, pred * M_valid) + lambda * MSE(eps * M_face,
+  pred * M_face), on epsilon or v as the scheduler predicts; both masks are brought to the latent
+  size; lambda = ``--face-loss-weight`` (0.1, seed 002 A.4).
+- The prompt is dropped (replaced by "") with probability ``--prompt-dropout`` (0.5); the
+  references are always kept, as at inference with classifier-free guidance.
+- What trains: ``--lock none`` (retrieval encoder, cross-attentions, zero convolutions and the
+  base decoder), ``decoder`` (the UNet frozen), ``both`` (UNet and retrieval encoder frozen).
+- AdamW at 1e-4, cosine schedule restarted every ``--restart-steps`` (9000) without decay.
+- Checkpoints, exact resume and ``metrics.jsonl``: ``training.core``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers import SchedulerMixin
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from pipelines.concepts import CONCEPTS
+from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline
+from training.core import Trainer, TrainerConfig, make_accelerator, read_metrics
+from training.data.retribooru import RetriBooruDataset, collate
+
+logger = logging.getLogger("train_retrinet")
+LOCKS = {"none": "default", "decoder": "lock_decoder", "both": "lock_both"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="accelerate launch -m training.train_retrinet", description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("models")
+    g.add_argument("--pretrained", required=True, help="diffusers folder or Hub id of a Stable Diffusion model")
+    g.add_argument("--revision", default=None, help="Hub revision of --pretrained")
+    g.add_argument("--retrinet", default=None, help="continue from a saved RetriNet folder instead of from_unet")
+    g.add_argument("--retrieval-attention-heads", type=int, default=8)
+    g.add_argument("--max-references", type=int, default=8)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="a RetriBooru-style folder (annotations.jsonl, images/, masks/)")
+    g.add_argument("--split", default="train", help="split to train on ('none': every record)")
+    g.add_argument("--task", choices=("recon", "compose", "multitask"), default="multitask")
+    g.add_argument("--setting", choices=("a", "b"), default="b", help="b: other pictures of the cluster; a: the target augmented")
+    g.add_argument("--num-references", type=int, default=4)
+    g.add_argument("--resolution", type=int, default=256)
+    g.add_argument("--dataloader-num-workers", type=int, default=0)
+    g = p.add_argument_group("objective")
+    g.add_argument("--face-loss-weight", type=float, default=0.1, help="lambda of seed 001, Eq. 3")
+    g.add_argument("--prompt-dropout", type=float, default=0.5, help="probability of training without the prompt")
+    g.add_argument("--lock", choices=tuple(LOCKS), default="none", help="none | decoder | both (seed 001, Table 3)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--restart-steps", type=int, default=9000, help="cosine restarts every so many steps")
+    g.add_argument("--lr-warmup-steps", type=int, default=0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-weight-decay", type=float, default=1e-2)
+    g.add_argument("--adam-epsilon", type=float, default=1e-8)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--train-batch-size", type=int, default=1, help="per process")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=8)
+    g.add_argument("--max-train-steps", type=int, default=9000)
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="default: what `accelerate config` says")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--checkpointing-steps", type=int, default=500)
+    g.add_argument("--checkpoints-total-limit", type=int, default=None)
+    g.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--logging-steps", type=int, default=1)
+    g.add_argument("--report-to", choices=("none", "tensorboard", "all"), default="none")
+    g.add_argument("--validation-steps", type=int, default=None, help="validation pictures every so many steps")
+    g.add_argument("--num-validation-images", type=int, default=2)
+    g.add_argument("--validation-inference-steps", type=int, default=20)
+    g.add_argument("--push-to-hub", action="store_true")
+    g.add_argument("--hub-model-id", default=None)
+    g.add_argument("--hub-token", default=None)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    for name in ("num_references", "resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                 "checkpointing_steps", "restart_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.prompt_dropout <= 1:
+        p.error("--prompt-dropout must be between 0 and 1")
+    if args.face_loss_weight < 0:
+        p.error("--face-loss-weight must not be negative")
+    if args.num_references > args.max_references:
+        p.error(f"--num-references {args.num_references} exceeds --max-references {args.max_references}")
+    return args
+
+
+# ---------------------------------------------------------------------- pieces
+
+def load_base(pretrained: str, revision: str | None = None):
+    """VAE, text encoder, tokenizer, UNet and the training noise scheduler of a diffusers model."""
+    kw = {"revision": revision} if revision else {}
+    try:
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the base model from {pretrained}: {e}") from e
+    return vae, text_encoder, tokenizer, unet, noise_scheduler
+
+
+def cosine_restarts(optimizer, restart_steps: int, warmup_steps: int = 0):
+    """Cosine from the learning rate to 0, restarted every ``restart_steps`` (seed 002, A.4)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        phase = ((step - warmup_steps) % restart_steps) / restart_steps
+        return 0.5 * (1.0 + math.cos(math.pi * phase))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def to_latent_mask(mask: torch.Tensor, size: tuple[int, int], cover: bool) -> torch.Tensor:
+    """A pixel mask (B, 1, H, W) at latent size: a latent pixel is in the mask if any (``cover``)
+    or most of its pixels are."""
+    area = F.interpolate(mask, size=size, mode="area")
+    return (area > 0).to(mask.dtype) if cover else (area >= 0.5).to(mask.dtype)
+
+
+def retrinet_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, face: torch.Tensor,
+                  face_weight: float) -> torch.Tensor:
+    """Seed 001, Eq. 3: L(eps M_tgt, pred M_tgt) + lambda L(eps M_face, pred M_face), L = MSE."""
+    pred, target = pred.float(), target.float()
+    return F.mse_loss(pred * valid, target * valid) + face_weight * F.mse_loss(pred * face, target * face)
+
+
+def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class RetriNetObjective:
+    """One training step's loss for a batch of ``RetriBooruDataset`` samples."""
+
+    def __init__(self, args, accelerator: Accelerator, vae, text_encoder, tokenizer, unet, retrinet,
+                 noise_scheduler: SchedulerMixin, weight_dtype: torch.dtype):
+        self.args, self.acc = args, accelerator
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.unet, self.retrinet, self.noise_scheduler = unet, retrinet, noise_scheduler
+        self.weight_dtype = weight_dtype
+        self.prediction_type = noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
+        with torch.no_grad():
+            ids = tokenize(tokenizer, list(CONCEPTS)).to(accelerator.device)
+            self.concept_table = dict(zip(CONCEPTS, text_encoder(ids)[0]))  # word -> (L, D)
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        device, sf = self.acc.device, self.vae.config.scaling_factor
+        pixels = batch["pixel_values"].to(device, self.weight_dtype)  # (B, 3, R, R)
+        b = pixels.shape[0]
+        refs = batch["reference_pixel_values"]  # (B, N, 3, R, R)
+        n = refs.shape[1]
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample() * sf  # (B, 4, r, r)
+            ref_latents = self.vae.encode(refs.flatten(0, 1).to(device, self.weight_dtype)).latent_dist.mode() * sf
+            keep = torch.rand(b) >= self.args.prompt_dropout  # prompt dropout, references kept
+            prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist())]
+            ehs = self.text_encoder(tokenize(self.tokenizer, prompts).to(device))[0]  # (B, L, D)
+            concept_embeds = torch.stack([self.concept_table[c] for cs in batch["concepts"] for c in cs])  # (B*N, L, D)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), device=device).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        pred = self.retrinet(ref_latents, t, concept_embeds, n, unet=self.unet, sample=noisy,
+                             encoder_hidden_states=ehs)
+        size = latents.shape[-2:]
+        valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
+        face = to_latent_mask(batch["face_mask"].to(device), size, cover=True)
+        return retrinet_loss(pred, target, valid, face, self.args.face_loss_weight)
+
+
+# ---------------------------------------------------------------------- validation and outputs
+
+def validation_references(data: str, split: str | None, args) -> tuple[str, list[Reference]]:
+    """Fixed references (and the prompt of their target) from the first usable test sample."""
+    ds = None
+    for sp in ("test", split):
+        try:
+            ds = RetriBooruDataset(data, sp, task="compose" if args.task != "recon" else "recon", setting="b",
+                                   num_references=args.num_references, resolution=args.resolution, seed=1234)
+            break
+        except ValueError:
+            continue
+    if ds is None:
+        raise ValueError(f"{data} has no sample to take validation references from")
+    s = ds[0]
+    refs = [Reference(Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()), c)
+            for x, c in zip(s["reference_pixel_values"], s["concepts"])]
+    return s["prompt"], refs
+
+
+def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retrinet, weight_dtype):
+    prompt, refs = validation_references(args.data, None if args.split == "none" else args.split, args)
+    out = Path(args.output_dir) / "validation"
+
+    def validate(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_pretrained(args.pretrained, subfolder="scheduler", revision=args.revision)
+        pipe = RetriNetPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                unet=accelerator.unwrap_model(unet), retrinet=accelerator.unwrap_model(retrinet),
+                                scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = [m.training for m in (pipe.unet, pipe.retrinet)]
+        pipe.unet.eval()
+        pipe.retrinet.eval()
+        try:
+            images = pipe(prompt, refs, num_images_per_prompt=args.num_validation_images, height=args.resolution,
+                          width=args.resolution, num_inference_steps=args.validation_inference_steps,
+                          generator=torch.Generator().manual_seed(args.seed)).images
+        finally:
+            for m, w in zip((pipe.unet, pipe.retrinet), was_training):
+                m.train(w)
+        tiles = [r.image for r in refs] + list(images)
+        s = args.resolution
+        grid = Image.new("RGB", (s * max(len(refs), len(images)), 2 * s), "white")
+        for i, im in enumerate(tiles):
+            row, col = (0, i) if i < len(refs) else (1, i - len(refs))
+            grid.paste(im.resize((s, s)), (col * s, row * s))
+        out.mkdir(parents=True, exist_ok=True)
+        grid.save(out / f"step-{step:06d}.png")
+        (out / "prompt.txt").write_text(prompt + "\n" + ", ".join(r.concept for r in refs) + "\n")
+
+    return validate
+
+
+def model_card(args, final_loss: float | None) -> str:
+    return f"""---
+library_name: diffusers
+tags: [retrinet, subject-driven-generation, stable-diffusion]
+base_model: {args.pretrained}
+---
+# RetriNet
+
+RetriNet (retrieval encoder, ControlCrossAttention and zero convolutions) trained on `{args.data}`
+for {args.max_train_steps} steps: task `{args.task}`, setting `{args.setting}`, {args.num_references}
+references, resolution {args.resolution}, lock `{args.lock}`, face-loss weight {args.face_loss_weight},
+prompt dropout {args.prompt_dropout}. Final logged loss: {final_loss if final_loss is not None else 'n/a'}.
+
+Load it with `RetriNetModel.from_pretrained(folder / "retrinet")`{' and the trained UNet from `folder / "unet"`' if args.lock == "none" else ''}.
+
+Command line:
+
+```
+accelerate launch -m training.train_retrinet {shlex.join(args.argv)}
+```
+"""
+
+
+def push_to_hub(folder: Path, repo_id: str, token: str | None) -> str:
+    """Upload the final models (not the checkpoints) with huggingface_hub."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(repo_id=repo, folder_path=str(folder), token=token, commit_message="RetriNet training run",
+                  ignore_patterns=["checkpoint-*", ".checkpoint-*", "*.tmp"])
+    return repo
+
+
+# ---------------------------------------------------------------------- main
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.output_dir)
+    accelerator = make_accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push-to-hub needs --hub-model-id")
+    set_seed(args.seed)
+
+    # data first: a bad folder fails before any model is loaded
+    split = None if args.split == "none" else args.split
+    dataset = RetriBooruDataset(args.data, split, task=args.task, setting=args.setting,
+                                num_references=args.num_references, resolution=args.resolution, seed=args.seed)
+
+    vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(args.pretrained, args.revision)
+    if args.retrinet:
+        retrinet = RetriNetModel.from_pretrained(args.retrinet)
+        if len(retrinet.down_blocks) != len(unet.down_blocks) or \
+                tuple(retrinet.config.block_out_channels) != tuple(unet.config.block_out_channels):
+            raise ValueError(f"the RetriNet in {args.retrinet} was built for another UNet")
+    else:
+        retrinet = RetriNetModel.from_unet(unet, retrieval_attention_heads=args.retrieval_attention_heads,
+                                           max_references=args.max_references)
+    params = retrinet.set_training_mode(unet, LOCKS[args.lock])
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        retrinet.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # Accelerate steps a prepared scheduler once per process per optimiser step: count in those
+    n = accelerator.num_processes
+    lr_scheduler = cosine_restarts(optimizer, args.restart_steps * n, args.lr_warmup_steps * n)
+    unet_trains = args.lock == "none"
+    if unet_trains:
+        retrinet, unet, optimizer, lr_scheduler = accelerator.prepare(retrinet, unet, optimizer, lr_scheduler)
+    else:
+        retrinet, optimizer, lr_scheduler = accelerator.prepare(retrinet, optimizer, lr_scheduler)
+        unet.to(accelerator.device, dtype=weight_dtype)
+    unet.train(unet_trains)
+    retrinet.train()
+
+    signature = {"retrinet": dict(accelerator.unwrap_model(retrinet).config),
+                 "unet_blocks": list(accelerator.unwrap_model(unet).config.block_out_channels),
+                 "lock": args.lock, "train_batch_size": args.train_batch_size,
+                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                 "num_processes": accelerator.num_processes}
+    signature = json.loads(json.dumps(signature, default=list))
+    objective = RetriNetObjective(args, accelerator, vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler,
+                                  weight_dtype)
+    validate = make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retrinet, weight_dtype) \
+        if args.validation_steps else None
+    config = TrainerConfig(
+        output_dir=str(out), max_train_steps=args.max_train_steps, batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit, logging_steps=args.logging_steps,
+        validation_steps=args.validation_steps, seed=args.seed, num_workers=args.dataloader_num_workers,
+        max_grad_norm=args.max_grad_norm)
+    trainer = Trainer(accelerator, config, dataset, collate, [retrinet, unet] if unet_trains else [retrinet],
+                      optimizer, lr_scheduler, objective, signature, validate)
+    start = trainer.resume(args.resume_from_checkpoint)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("retrinet", config={k: v for k, v in vars(args).items() if k != "argv"})
+    logger.info("training %d samples from step %d to %d on %d process(es)", len(dataset), start,
+                args.max_train_steps, accelerator.num_processes)
+    state = trainer.train()
+
+    result: dict[str, Any] = {"global_step": state.global_step, "output_dir": str(out)}
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(retrinet).save_pretrained(out / "retrinet")
+        if unet_trains:
+            accelerator.unwrap_model(unet).save_pretrained(out / "unet")
+        metrics = read_metrics(out / "metrics.jsonl")
+        final = metrics[-1]["loss"] if metrics else None
+        (out / "README.md").write_text(model_card(args, final), encoding="utf-8")
+        if args.push_to_hub:
+            result["hub_repo"] = push_to_hub(out, args.hub_model_id, args.hub_token)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as e:
+        logger.error("%s", e)
+        sys.exit(f"error: {e}")
