@@ -21,8 +21,10 @@ Boxes are ``[x0, y0, x1, y1]`` in pixels, with ``x1`` and ``y1`` exclusive, as i
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -139,3 +141,140 @@ def scale_box(box: Sequence[float], width: int, height: int, size: int) -> Box:
     eps = 1e-6  # so that float noise never grows a box by a whole pixel
     return (math.floor(x0 + box[0] * scale + eps), math.floor(y0 + box[1] * scale + eps),
             math.ceil(x0 + box[2] * scale - eps), math.ceil(y0 + box[3] * scale - eps))
+
+
+# ---------------------------------------------------------------------- the extractor
+
+RULE_CUT = "face from the head box, clothes below its lower border"
+RULE_LOW_HEAD = "head border below 2/3 of the height, so figure only"
+RULE_NOTHING_BELOW = "no figure below the head, so figure only"
+RULE_NO_HEAD = "no head found, so the whole picture is the figure"
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+@dataclass
+class ConceptCrops:
+    """What ``ConceptExtractor.extract`` makes of one picture."""
+
+    image: Image.Image  # the picture as read (RGB, EXIF orientation applied)
+    head_box: Box | None
+    mask: Image.Image  # figure mask, L 0/255, the picture's size
+    face: Image.Image | None
+    clothes: Image.Image | None
+    figure: Image.Image
+    rule: str
+    head_confidence: float | None
+    figure_confidence: float | None
+    num_figures: int
+
+    def crops(self) -> dict[str, Image.Image]:
+        """The concepts that could be cut, by name."""
+        return {k: v for k, v in (("face", self.face), ("clothes", self.clothes), ("figure", self.figure))
+                if v is not None}
+
+
+def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Any picture (PIL, path, bytes, HxWx3 / HxW array) as RGB with its EXIF rotation applied;
+    transparent pixels become white. Raises ``ValueError`` for what is not a usable picture."""
+    import io
+
+    import numpy as np
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            image = Image.open(image)
+            image.load()
+        elif isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+            image.load()
+        elif isinstance(image, np.ndarray):
+            if image.ndim not in (2, 3) or image.size == 0:
+                raise ValueError(f"an array picture is H x W or H x W x 3, got shape {image.shape}")
+            image = Image.fromarray(image.astype(np.uint8))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"not a picture: {e}") from e
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"not a picture: {type(image).__name__}")
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ValueError(f"empty picture ({w}x{h})")
+    if w * h > max_pixels:
+        raise ValueError(f"picture of {w}x{h} pixels is larger than the limit of {max_pixels} pixels")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ConceptExtractor:
+    """Find the head and the figure in a picture and cut the concepts by RetriBooru's rules.
+
+    ``detector(image) -> (heads, figures)`` (see ``pipelines.detector.YoloDetector``); the figure
+    mask comes from ``segmenter(image, box)`` when one is given (SAM), else from the detector's own
+    figure mask (YOLO-seg), else the whole picture. With several figures the largest is used.
+    """
+
+    def __init__(self, detector, segmenter=None, fill: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS):
+        if fill not in ("white", "transparent"):
+            raise ValueError(f"fill must be 'white' or 'transparent', got {fill!r}")
+        self.detector, self.segmenter, self.fill, self.max_pixels = detector, segmenter, fill, max_pixels
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, segmenter=None, **kwargs) -> ConceptExtractor:
+        """A detector folder written by ``pipelines.detector.export_yolo`` (the demo family's)."""
+        from pipelines.detector import YoloDetector, load_yolo
+
+        model, config = load_yolo(folder)
+        return cls(YoloDetector(model, imgsz=config.get("imgsz")), segmenter, **kwargs)
+
+    def _cut(self, image: Image.Image, mask: Image.Image, box: Sequence[int] | None) -> Image.Image:
+        if self.fill == "transparent":
+            out = image.convert("RGBA")
+            out.putalpha(mask)
+        else:
+            out = remove_background(image, mask)
+        return out.crop(tuple(box)) if box is not None else out
+
+    def extract(self, image) -> ConceptCrops:
+        image = load_image(image, self.max_pixels)
+        w, h = image.size
+        heads, figures = self.detector(image)
+        figure = max(figures, key=lambda d: (d.area, d.confidence)) if figures else None
+        head = None
+        if heads:
+            inside = [d for d in heads if figure is None or _centre_in(d.box, figure.box)]
+            head = max(inside or heads, key=lambda d: d.confidence)
+        if self.segmenter is not None:
+            mask = self.segmenter(image, figure.box if figure else (0, 0, w, h))
+        elif figure is not None and figure.mask is not None:
+            mask = figure.mask
+        else:
+            mask = Image.new("L", (w, h), 255)
+        fig = self._cut(image, mask, None)
+        common = dict(image=image, mask=mask, figure=fig, num_figures=len(figures),
+                      figure_confidence=figure.confidence if figure else None)
+        if head is None:
+            return ConceptCrops(head_box=None, face=None, clothes=None, rule=RULE_NO_HEAD, head_confidence=None,
+                                **common)
+        try:
+            box = check_box(head.box, w, h)
+        except ValueError:
+            return ConceptCrops(head_box=None, face=None, clothes=None, rule=RULE_NO_HEAD, head_confidence=None,
+                                **common)
+        face = self._cut(image, mask, box)
+        concept = resolve_concept("clothes", box, w, h, mask)
+        if concept == "clothes":
+            clothes, rule = self._cut(image, mask, concept_box("clothes", box, w, h, mask)), RULE_CUT
+        else:
+            clothes = None
+            rule = RULE_LOW_HEAD if box[3] > CLOTHES_MAX_HEAD_BOTTOM * h else RULE_NOTHING_BELOW
+        return ConceptCrops(head_box=box, face=face, clothes=clothes, rule=rule, head_confidence=head.confidence,
+                            **common)
+
+
+def _centre_in(box: Sequence[int], outer: Sequence[int]) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return outer[0] <= cx <= outer[2] and outer[1] <= cy <= outer[3]
