@@ -24,8 +24,11 @@ def export_yolo(weights: str | os.PathLike, folder: str | os.PathLike, names: di
     model = (ckpt.get("ema") or ckpt["model"]).float()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    from ultralytics.nn.tasks import guess_model_scale
+
     spec = {k: v for k, v in model.yaml.items() if k not in ("yaml_file",)}
     spec["nc"] = len(names)
+    spec["scale"] = spec.get("scale") or guess_model_scale(model.yaml.get("yaml_file", "")) or "n"
     (folder / "model.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))

@@ -206,3 +206,15 @@ def test_sam_vit_b_loading_path_with_random_weights():
     assert seg(img, (20, 10, 60, 110)).size == img.size
     with pytest.raises(ValueError, match="unknown SAM model"):
         SamSegmenter.from_checkpoint("vit_x", None)
+
+
+def test_corrupt_files_raise_pil_errors_even_after_ultralytics_patched_pil(tmp_path):
+    import ultralytics  # noqa: F401  (patches PIL.Image.open on import)
+    from PIL import UnidentifiedImageError
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(bad)
+    with pytest.raises(ValueError, match="not a picture"):
+        load_image(bad)
