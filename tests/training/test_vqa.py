@@ -46,3 +46,33 @@ def test_hair_below_the_head_is_not_clothes():
     pic = clothes((200, 40, 50), (245, 245, 245), hair=(40, 80, 190))
     assert ColorAnswerer().answer(pic, [CLOTHES_QUESTION])[0].startswith("red and blue")
     assert ColorAnswerer().answer(pic, [CLOTHES_QUESTION], face=face) == ["red and white"]
+
+
+def test_instructblip_loading_path_with_a_tiny_random_model(tmp_path):
+    """The InstructBLIP backend loads a folder as it would the paper's Salesforce/instructblip-vicuna-7b."""
+    from transformers import (BertTokenizer, BlipImageProcessor, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaConfig)
+
+    from pipelines.components import char_tokenizer
+    from training.data.vqa import InstructBlipAnswerer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz'"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    tok = char_tokenizer(tmp_path / "tok")
+    processor = InstructBlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                                      tokenizer=tok, qformer_tokenizer=BertTokenizer(str(tmp_path / "vocab.txt")),
+                                      num_query_tokens=4)  # adds the <image> token to the tokenizer
+    config = InstructBlipConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        qformer_config={"vocab_size": len(words), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                        "intermediate_size": 37, "encoder_hidden_size": 32},
+        text_config=LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                num_attention_heads=4, num_key_value_heads=4, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict(),
+        num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    InstructBlipForConditionalGeneration(config).save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+    answerer = InstructBlipAnswerer.from_pretrained(str(tmp_path / "blip"), max_new_tokens=3)
+    answers = answerer.answer(Image.new("RGB", (50, 40), "red"), [CLOTHES_QUESTION, "what is she wearing"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
