@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines.concepts import CONCEPTS
 from training.data import toybooru
-from training.data.retribooru import prepare_reference, read_annotations
+from training.data.retribooru import open_record, prepare_reference, read_annotations
 
 DEFAULT_TOYBOORU = {"num_images": 240, "seed": 0, "size": 128}
 
@@ -82,16 +82,7 @@ class _Dataset:
         )
 
     def open(self, rec: dict[str, Any]) -> tuple[Image.Image, Image.Image]:
-        try:
-            with Image.open(self.path / rec["file"]) as im:
-                image = im.convert("RGB")
-            with Image.open(self.path / rec["mask_file"]) as m:
-                mask = m.convert("L")
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"{rec['id']}: cannot read its picture or mask ({e})") from e
-        if image.size != mask.size:
-            raise ValueError(f"{rec['id']}: picture and mask differ in size")
-        return image, mask
+        return open_record(self.path, rec)  # CorruptFile is a ValueError
 
 
 class Engine:

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # for tests/helpers.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -46,3 +47,4 @@ def tiny_sd(tmp_path_factory) -> Path:
     StableDiffusionPipeline(**build_components("tiny", seed=0), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
     return folder
+

@@ -1,10 +1,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from pipelines.retrinet import RetriNetModel
+from helpers import kill_when
 from training.core import list_checkpoints, read_metrics, resolve_checkpoint
 from training.train_retrinet import RetriNetObjective, load_base, main, parse_args
 from training.data.retribooru import RetriBooruDataset, collate
@@ -100,18 +99,7 @@ def test_sigkill_and_resume_from_latest(tiny_sd, toybooru, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "training.train_retrinet", *argv(tiny_sd, toybooru, killed, *common)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoint-3").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(proc, killed / "checkpoint-3")
     k, latest = list_checkpoints(killed)[-1]
     assert 3 <= k < 8
     # a folder killed mid-write is never "latest": neither a temporary one nor one without its state file

@@ -122,8 +122,25 @@ class Reference:
     source_id: str
 
 
-class CorruptFile(Exception):
-    """A picture or mask that exists but cannot be decoded."""
+class CorruptFile(ValueError):
+    """A picture or mask that exists but cannot be decoded, or disagrees with its record."""
+
+
+def open_record(root: str | Path, rec: dict[str, Any]) -> tuple[Image.Image, Image.Image]:
+    """A record's picture (RGB) and figure mask (L); ``CorruptFile`` if they cannot be read or their
+    sizes disagree with each other or with the record."""
+    root = Path(root)
+    try:
+        with Image.open(root / rec["file"]) as im:
+            image = im.convert("RGB")
+        with Image.open(root / rec["mask_file"]) as m:
+            mask = m.convert("L")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for broken files
+        raise CorruptFile(f"{rec['id']}: cannot read its picture or mask ({e})") from e
+    if image.size != mask.size or image.size != (rec["width"], rec["height"]):
+        raise CorruptFile(f"{rec['id']}: picture {image.size}, mask {mask.size} and record "
+                          f"({rec['width']}, {rec['height']}) disagree on the size")
+    return image, mask
 
 
 class RetriBooruDataset(Dataset):
@@ -195,17 +212,7 @@ class RetriBooruDataset(Dataset):
         return [s for s in rec["similar"] if s != rec["id"] and s in self.by_id and s not in self._bad]
 
     def _load(self, rec: dict[str, Any]) -> tuple[Image.Image, Image.Image]:
-        try:
-            with Image.open(self.root / rec["file"]) as im:
-                image = im.convert("RGB")
-            with Image.open(self.root / rec["mask_file"]) as m:
-                mask = m.convert("L")
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for broken files
-            raise CorruptFile(f"{rec['id']}: {e}") from e
-        if image.size != mask.size or image.size != (rec["width"], rec["height"]):
-            raise CorruptFile(f"{rec['id']}: picture {image.size}, mask {mask.size} and record "
-                              f"({rec['width']}, {rec['height']}) disagree on the size")
-        return image, mask
+        return open_record(self.root, rec)
 
     def _mark_bad(self, rec_id: str, err: Exception) -> None:
         if rec_id in self._bad:

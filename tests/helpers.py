@@ -1,0 +1,22 @@
+"""Helpers shared by tests (importable as `helpers`: conftest puts tests/ on the path)."""
+
+from pathlib import Path
+
+
+def kill_when(proc, path: Path, timeout: float = 300) -> None:
+    """SIGKILL ``proc`` as soon as ``path`` exists (it must appear before the process ends)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        while not path.exists():
+            assert proc.poll() is None, f"the process ended before {path.name} appeared"
+            assert time.time() < deadline, f"{path.name} did not appear within {timeout} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
