@@ -14,8 +14,10 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
-def export_yolo(weights: str | os.PathLike, folder: str | os.PathLike, names: dict[int, str], imgsz: int) -> Path:
-    """Write a trained ultralytics ``.pt`` as ``folder/{model.safetensors, model.yaml, config.json}``."""
+def export_yolo(weights: str | os.PathLike, folder: str | os.PathLike, names: dict[int, str], imgsz: int,
+                extractor: dict | None = None) -> Path:
+    """Write a trained ultralytics ``.pt`` as ``folder/{model.safetensors, model.yaml, config.json}``;
+    ``extractor``: options ``ConceptExtractor.from_pretrained`` applies unless told otherwise."""
     import torch
     import yaml
     from safetensors.torch import save_file
@@ -32,8 +34,9 @@ def export_yolo(weights: str | os.PathLike, folder: str | os.PathLike, names: di
     (folder / "model.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"names": {str(k): v for k, v in names.items()}, "imgsz": imgsz,
-                                                    "task": "segment"}, indent=1))
+    config = {"names": {str(k): v for k, v in names.items()}, "imgsz": imgsz, "task": "segment",
+              "extractor": dict(extractor or {})}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder
 
 

@@ -114,7 +114,8 @@ def main(args: argparse.Namespace) -> Path:
                     project=str(out), name="run", exist_ok=True, verbose=False, fliplr=0.5, mosaic=0.5,
                     close_mosaic=5, patience=1000)
     best = out / "run" / "weights" / "best.pt"
-    export = export_yolo(best, out / "export", NAMES, imgsz=args.imgsz)
+    # YOLO-seg's masks come from a 4x coarser prototype: the demo extractor snaps them to the outlines
+    export = export_yolo(best, out / "export", NAMES, imgsz=args.imgsz, extractor={"refine": True})
     (export / "training.json").write_text(json.dumps({k: v for k, v in vars(args).items()}, indent=1))
     print(f"exported {best} to {export}")
     return export

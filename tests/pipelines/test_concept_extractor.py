@@ -218,3 +218,33 @@ def test_corrupt_files_raise_pil_errors_even_after_ultralytics_patched_pil(tmp_p
         Image.open(bad)
     with pytest.raises(ValueError, match="not a picture"):
         load_image(bad)
+
+
+def test_refine_mask_snaps_a_coarse_mask_to_the_outline():
+    from pipelines.concepts import refine_mask
+
+    img = Image.new("RGB", (80, 100), (250, 230, 200))  # a plain background
+    truth = Image.new("L", img.size, 0)
+    d, t = ImageDraw.Draw(img), ImageDraw.Draw(truth)
+    for draw, fill, outline in ((d, (200, 40, 60), (20, 20, 20)), (t, 255, 255)):
+        draw.ellipse([25, 5, 55, 35], fill=fill, outline=outline, width=2)  # head
+        draw.rectangle([30, 35, 50, 90], fill=fill, outline=outline, width=2)  # body
+        draw.line([30, 40, 24, 62], fill=outline, width=3)  # a thin arm the coarse mask misses
+    coarse = Image.new("L", img.size, 0)
+    ImageDraw.Draw(coarse).rectangle([28, 14, 53, 92], fill=255)  # blocky: no head top, no arm, spills over
+    iou = lambda a, b: (np.logical_and(np.asarray(a) > 127, np.asarray(b) > 127).sum()
+                        / np.logical_or(np.asarray(a) > 127, np.asarray(b) > 127).sum())
+    refined = refine_mask(img, coarse, head_box=(25, 5, 56, 36), grow=6)
+    assert iou(coarse, truth) < 0.8 < 0.95 < iou(refined, truth)
+    blank = Image.new("L", img.size, 0)
+    assert refine_mask(img, blank) is not blank and not np.asarray(refine_mask(img, blank)).any()
+
+
+def test_extractor_refines_only_when_asked():
+    img, (mask,) = scene()
+    coarse = Image.new("L", img.size, 0)
+    coarse.paste(255, (23, 33, 57, 106))  # short of the figure on every side, by less than ``grow``
+    det = FakeDetector([Detection((25, 10, 55, 35), 0.9)], [Detection((20, 10, 60, 110), 0.8, coarse)])
+    assert np.array_equal(np.asarray(ConceptExtractor(det).extract(img).mask), np.asarray(coarse))
+    refined = np.asarray(ConceptExtractor(det, refine=True).extract(img).mask)
+    assert np.array_equal(refined, np.asarray(mask))  # the picture's own figure, exactly
