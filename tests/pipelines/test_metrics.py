@@ -150,3 +150,42 @@ def test_swd_transforms():
         swd([], [])
     with pytest.raises(ValueError, match="not finite"):
         swd([np.nan], [1])
+
+
+def test_face_distance_uses_the_extractors_faces(tiny_clip):
+    from pipelines.concepts import ConceptExtractor
+    from pipelines.detector import Detection
+    from pipelines.metrics import face_distance
+
+    class Heads:
+        """A detector that finds a head in the top half of pictures wider than 30 px."""
+
+        def __call__(self, image):
+            w, h = image.size
+            return ([Detection((0, 0, w, h // 2), 0.9)] if w > 30 else []), []
+
+    scorer = ClipScorer.from_pretrained(str(tiny_clip))
+    ex = ConceptExtractor(Heads())
+    a, b = pictures(2, seed=4)
+    d = face_distance([a, a, b, Image.new("RGB", (20, 20))], [a, b, a, a], ex, scorer.image_embeds)
+    assert d[0].item() == pytest.approx(0.0, abs=1e-5)
+    assert d[1].item() == pytest.approx(d[2].item(), abs=1e-5) and d[1] > 0.01
+    assert torch.isnan(d[3])  # no face in the generated picture
+    face_a = ex.extract(a).face
+    face_b = ex.extract(b).face
+    e = torch.nn.functional.normalize(scorer.image_embeds([face_a, face_b]), dim=-1)
+    assert d[1].item() == pytest.approx((e[0] - e[1]).norm().item(), abs=1e-5)
+
+
+def test_vqa_score_is_the_answers_cosine_distance(tiny_clip):
+    from pipelines.metrics import vqa_score
+
+    scorer = ClipScorer.from_pretrained(str(tiny_clip))
+    same = vqa_score([["smiling", "long hair"]], [["smiling", "long hair"]], scorer.text_embeds)
+    assert same.item() == pytest.approx(0.0, abs=1e-5)
+    g, r = ["smiling", "standing"], ["crying", "sitting"]
+    e = scorer.text_embeds(g + r)
+    expected = (1 - (e[:2] * e[2:]).sum(-1)).mean()
+    assert vqa_score([g], [r], scorer.text_embeds).item() == pytest.approx(expected.item(), abs=1e-5)
+    with pytest.raises(ValueError, match="as many answers"):
+        vqa_score([["a"]], [["a", "b"]], scorer.text_embeds)
