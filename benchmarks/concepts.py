@@ -22,9 +22,9 @@ from PIL import Image
 
 from pipelines.concepts import (CLOTHES_MAX_HEAD_BOTTOM, RULE_CUT, RULE_LOW_HEAD, RULE_NOTHING_BELOW,
                                 ConceptExtractor)
+from pipelines.detector import DEMO_DETECTOR
 from training.data.retribooru import read_annotations
 
-DEMO_DETECTOR = Path(__file__).resolve().parents[1] / "assets" / "demo-zoo" / "detector"
 
 
 def box_iou(a, b) -> float:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
+# the demo family's detector, trained by `python -m training.train_detector` on Toybooru
+DEMO_DETECTOR = Path(__file__).resolve().parents[1] / "assets" / "demo-zoo" / "detector"
+
 
 def export_yolo(weights: str | os.PathLike, folder: str | os.PathLike, names: dict[int, str], imgsz: int,
                 extractor: dict | None = None) -> Path:

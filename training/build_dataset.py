@@ -40,9 +40,9 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.detector import DEMO_DETECTOR
 from training.data.vqa import CLOTHES_QUESTION, ColorAnswerer, normalise_answer
 
-DEMO_DETECTOR = Path(__file__).resolve().parents[1] / "assets" / "demo-zoo" / "detector"
 UNWANTED_TAGS = ("monochrome", "greyscale", "sketch", "comic", "lineart", "multiple_girls", "multiple_boys")
 # garment words: a tag that names one (alone or as its last word) counts as a cloth tag (RetriBooru
 # scraped 1,298 cloth tags from Danbooru and dropped shoes and accessories)

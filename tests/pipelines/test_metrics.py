@@ -7,31 +7,6 @@ from pipelines.metrics import (CLIP_T_OFFSET, ClipScorer, frechet_distance, inve
                                precision_recall, swd)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A small CLIP with random weights, saved locally with its processor (no download)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from pipelines.components import char_tokenizer
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("clip") / "clip"
-    tok = char_tokenizer()
-    config = CLIPConfig(
-        text_config={"vocab_size": 600, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tok)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def pictures(n, seed=0, size=40):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
