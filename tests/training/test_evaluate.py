@@ -1,0 +1,83 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from pipelines.components import build_components
+from pipelines.retrinet import RetriNetModel, RetriNetPipeline
+from training.evaluate import load_eval_set, main, parse_args, summarise
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    c = build_components("tiny", seed=0)
+    retrinet = RetriNetModel.from_unet(c["unet"])
+    with torch.no_grad():
+        for conv in [*retrinet.zero_convs, retrinet.mid_zero_conv]:
+            conv.weight.normal_(std=0.05)
+    folder = tmp_path_factory.mktemp("pipe") / "pipe"
+    RetriNetPipeline(**c, retrinet=retrinet).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def eval_set(toybooru, toybooru_records, tmp_path):
+    recs = [r for r in toybooru_records if r["split"] == "test"][:2]
+    spec = {"prompts": ["1girl, smiling", "1girl, outdoors"],
+            "references": [{"name": r["character"], "images": [{"file": str(toybooru / r["file"]), "concept": "figure"}]}
+                           for r in recs],
+            "seeds": [0, 1], "samples_per_seed": 2, "num_inference_steps": 2, "height": 32, "width": 32}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def rows(out):
+    with open(out / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_scores_summary_plot_and_resume(tiny_pipeline, tiny_clip, eval_set, tmp_path):
+    args = parse_args(["--pipeline", str(tiny_pipeline), "--eval-set", str(eval_set), "--clip", str(tiny_clip),
+                       "--out", str(tmp_path / "out")])
+    summary = main(args)
+    out = tmp_path / "out"
+    table = rows(out)
+    assert len(table) == 2 * 2 * 2 * 2  # references x prompts x seeds x samples
+    assert len({r["file"] for r in table}) == 16 and all((out / r["file"]).is_file() for r in table)
+    assert all(-1 <= float(r["clip_i"]) <= 1 and -1 <= float(r["clip_t"]) <= 1 for r in table)
+    assert summary["pictures"] == 16 and summary["VQA"] is None and summary["SWD(VQA, CLIP-I)"] is None
+    assert summary["CLIP-I"] == pytest.approx(sum(float(r["clip_i"]) for r in table) / 16)
+    md = (out / "summary.md").read_text()
+    assert "SWD(CLIP-I, CLIP-T)" in md and (out / "summary.csv").is_file()
+    assert (out / "clip_i_vs_clip_t.png").stat().st_size > 1000
+    # a rerun scores nothing again; a lost row is scored again
+    first = (out / table[0]["file"]).stat().st_mtime_ns
+    lines = (out / "scores.csv").read_text().splitlines()
+    (out / "scores.csv").write_text("\n".join(lines[:-2]) + "\n")
+    main(args)
+    again = rows(out)
+    assert sorted(r["file"] for r in again) == sorted(r["file"] for r in table)
+    assert (out / table[0]["file"]).stat().st_mtime_ns == first
+
+
+def test_swd_pairs_follow_the_papers_transforms():
+    rows = [{"clip_i": "0.8", "clip_t": "0.2", "df_l2": "0.5", "vqa": "0.4"},
+            {"clip_i": "0.6", "clip_t": "0.3", "df_l2": "nan", "vqa": ""}]
+    s = summarise(rows)
+    assert s["SWD(CLIP-I, CLIP-T)"] == pytest.approx((0.8 * 0.2 + 0.6 * 0.3) / 2)
+    assert s["SWD(CLIP-T, DF-L2)"] == pytest.approx((0.2 + 1.3) / 0.5)  # only the picture with a face
+    assert s["SWD(VQA, DF-L2)"] == pytest.approx((0.4 + 1.0) / 0.5)
+    assert s["SWD(VQA, CLIP-I)"] == pytest.approx(0.4 * 0.8)
+
+
+def test_bad_eval_sets(tmp_path):
+    bad = tmp_path / "e.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="needs 'prompts' and 'references'"):
+        load_eval_set(bad)
+    bad.write_text(json.dumps({"prompts": ["a"], "references": [{"name": "x", "images": [{"file": "no.png",
+                                                                                          "concept": "face"}]}]}))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_eval_set(bad)
