@@ -37,7 +37,6 @@ class DatasetInfo:
     num_characters: int
     num_clusters: int
     skipped: dict[str, int]
-    ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class _Dataset:
             splits={k: len(v) for k, v in self.split_ids.items() if k != "all"},
             num_characters=len({r.get("character") for r in recs}),
             num_clusters=len({r.get("cluster", (r.get("character"), r.get("artist"), r.get("outfit"))) for r in recs}),
-            skipped=dict(self.skipped), ids=tuple(self.split_ids["all"]),
+            skipped=dict(self.skipped),
         )
 
     def open(self, rec: dict[str, Any]) -> tuple[Image.Image, Image.Image]:

@@ -269,7 +269,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError(f"--images {images} is not a folder")
     if not Path(args.metadata).is_file():
         raise ValueError(f"--metadata {args.metadata} is not a file")
-    records, dropped = filter_records(read_metadata(args.metadata), images, args.unwanted_tags, args.cloth_words)
+    raw = read_metadata(args.metadata)
+    records, dropped = filter_records(raw, images, args.unwanted_tags, args.cloth_words)
     work = out / ".work"
     (work / "masks").mkdir(parents=True, exist_ok=True)
     shards = [records[i:i + args.shard_size] for i in range(0, len(records), args.shard_size)]
@@ -301,10 +302,10 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 
         while not all((work / f"shard-{i:06d}.jsonl").exists() for i in range(len(shards))):
             time.sleep(1)
-    return merge(records, dropped, shards, images, out, args)
+    return merge(len(raw), records, dropped, shards, images, out, args)
 
 
-def merge(records, dropped: Counter, shards, images: Path, out: Path, args) -> dict[str, Any]:
+def merge(total: int, records, dropped: Counter, shards, images: Path, out: Path, args) -> dict[str, Any]:
     """Steps 4-5: cluster the annotated records and write the data set and its report."""
     work = out / ".work"
     missing = [i for i in range(len(shards)) if not (work / f"shard-{i:06d}.jsonl").exists()]
@@ -350,9 +351,7 @@ def merge(records, dropped: Counter, shards, images: Path, out: Path, args) -> d
             "similar": similar[r["id"]], "vqa": r["answers"]}) + "\n")
     (final / "annotations.jsonl").write_text("".join(lines), encoding="utf-8")
     report = {
-        "input_records": len(records) + sum(v for k, v in dropped.items() if k in
-                                            ("broken_metadata", "missing_field", "duplicate_id", "unwanted_tag",
-                                             "not_one_character", "no_cloth_tag", "missing_file")),
+        "input_records": total,
         "kept": len(kept), "dropped": dict(sorted(dropped.items())), "clusters": len(clusters),
         "similar_lengths": dict(sorted(Counter(len(similar[r["id"]]) for r in kept).items())),
         "top_characters": Counter(r["character"] for r in kept).most_common(15),
