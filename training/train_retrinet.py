@@ -300,6 +300,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push-to-hub needs --hub-model-id")
+    if args.report_to in ("tensorboard", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
     set_seed(args.seed)
 
     # data first: a bad folder fails before any model is loaded

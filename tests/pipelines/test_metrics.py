@@ -93,6 +93,36 @@ def test_copying_the_conditioning_picture_lowers_recall():
     assert recall_copy < 0.1 < 0.5 < recall_new
 
 
+def test_copying_lowers_recall_on_toybooru_features(tmp_path):
+    """The same argument on Toybooru: features are 8 x 8 thumbnails of the figure (background
+    removed); the "copying" model returns its one conditioning picture, the other draws new
+    pictures of the same cluster (here: the cluster's held-out pictures)."""
+    from training.data.retribooru import open_record, read_annotations
+    from training.data.toybooru import generate
+    from pipelines.concepts import remove_background
+
+    root = generate(tmp_path / "tb", 300, seed=9, size=64)
+    records, _ = read_annotations(root)
+
+    def feature(rec):
+        image, mask = open_record(root, rec)
+        return np.asarray(remove_background(image, mask).resize((8, 8), Image.Resampling.BOX), np.float64).ravel()
+
+    recalls_copy, recalls_new = [], []
+    by_cluster = {}
+    for r in records:
+        by_cluster.setdefault(r["cluster"], []).append(r)
+    clusters = [c for c in by_cluster.values() if len(c) >= 6]
+    assert len(clusters) >= 20
+    for c in clusters:
+        feats = np.stack([feature(r) for r in c])
+        real, conditioning, new = feats[:3], feats[3], feats[4:6]
+        copies = np.repeat(conditioning[None], len(new), axis=0) + np.random.default_rng(0).normal(0, 0.5, new.shape)
+        recalls_copy.append(precision_recall(real, copies, k=1)[1])
+        recalls_new.append(precision_recall(real, new, k=1)[1])
+    assert np.mean(recalls_copy) < np.mean(recalls_new)
+
+
 def test_precision_recall_bound_memory_by_blocks():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(50, 4)), rng.normal(size=(60, 4))

@@ -138,6 +138,13 @@ def test_locks_freeze_exactly_the_intended_parameters(tiny_sd, toybooru, tmp_pat
         assert not (tmp_path / "unet").exists()
 
 
+def test_gradient_checkpointing_gives_the_same_losses(tiny_sd, toybooru, tmp_path):
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path / "plain", "--max-train-steps", 2)))
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path / "ckpt", "--max-train-steps", 2, "--gradient-checkpointing")))
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
 def test_checkpoint_limit_keeps_the_newest(tiny_sd, toybooru, tmp_path):
     main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--max-train-steps", 5, "--checkpointing-steps", 1,
                          "--checkpoints-total-limit", 2)))
