@@ -81,3 +81,29 @@ def test_bad_eval_sets(tmp_path):
                                                                                           "concept": "face"}]}]}))
     with pytest.raises(ValueError, match="does not exist"):
         load_eval_set(bad)
+
+
+def test_two_processes_share_the_pictures_and_merge(tiny_pipeline, tiny_clip, eval_set, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.evaluate",
+           "--pipeline", str(tiny_pipeline), "--eval-set", str(eval_set), "--clip", str(tiny_clip), "--out", str(out),
+           "--device", "cpu"]
+    run = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    parts = [rows_of(out / f"scores.rank{i}.csv") for i in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == 8  # 8 of the 16 pictures each
+    assert {r["file"] for r in parts[0]}.isdisjoint({r["file"] for r in parts[1]})
+    assert len(rows(out)) == 16 and (out / "summary.md").is_file()
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
