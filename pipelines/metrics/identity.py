@@ -61,3 +61,27 @@ def vqa_score(generated_answers: Sequence[Sequence[str]], reference_answers: Seq
         out.append(dist[start:start + len(g)].mean())
         start += len(g)
     return torch.stack(out)
+
+
+def deepface_embedder(model_name: str = "Facenet512") -> Embed:
+    """An ``embed`` for ``face_distance`` from DeepFace (the paper's DF-L2), when it is installed.
+
+    DeepFace downloads its weights on first use, so it is an option for machines with a network,
+    never a default; without the package this raises a clear ``ValueError``.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("deepface") is None:
+        raise ValueError("the DeepFace backend needs the deepface package: pip install deepface")
+    import numpy as np
+    from deepface import DeepFace
+
+    def embed(faces: Sequence[Image.Image]) -> torch.Tensor:
+        vectors = []
+        for face in faces:
+            bgr = np.asarray(face.convert("RGB"))[:, :, ::-1]
+            rep = DeepFace.represent(bgr, model_name=model_name, detector_backend="skip", enforce_detection=False)
+            vectors.append(rep[0]["embedding"])
+        return torch.tensor(vectors, dtype=torch.float32)
+
+    return embed

@@ -194,3 +194,15 @@ def test_vqa_score_is_the_answers_cosine_distance(tiny_clip):
     assert vqa_score([g], [r], scorer.text_embeds).item() == pytest.approx(expected.item(), abs=1e-5)
     with pytest.raises(ValueError, match="as many answers"):
         vqa_score([["a"]], [["a", "b"]], scorer.text_embeds)
+
+
+def test_deepface_backend_is_optional():
+    import importlib.util
+
+    from pipelines.metrics import deepface_embedder
+
+    if importlib.util.find_spec("deepface") is None:
+        with pytest.raises(ValueError, match="pip install deepface"):
+            deepface_embedder()
+    else:  # installed: the backend builds (its weights come on first use)
+        assert callable(deepface_embedder())
