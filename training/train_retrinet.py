@@ -38,7 +38,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.concepts import CONCEPTS
-from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline
+from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
 from training.core import Trainer, TrainerConfig, make_accelerator, read_metrics
 from training.data.retribooru import RetriBooruDataset, collate
 
@@ -152,11 +152,6 @@ def retrinet_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return F.mse_loss(pred * valid, target * valid) + face_weight * F.mse_loss(pred * face, target * face)
 
 
-def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 class RetriNetObjective:
     """One training step's loss for a batch of ``RetriBooruDataset`` samples."""
 
@@ -170,8 +165,8 @@ class RetriNetObjective:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
         with torch.no_grad():
-            ids = tokenize(tokenizer, list(CONCEPTS)).to(accelerator.device)
-            self.concept_table = dict(zip(CONCEPTS, text_encoder(ids)[0]))  # word -> (L, D)
+            self.concept_table = dict(zip(CONCEPTS, embed_texts(tokenizer, text_encoder, CONCEPTS,
+                                                               accelerator.device)))  # word -> (L, D)
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
         device, sf = self.acc.device, self.vae.config.scaling_factor
@@ -184,7 +179,7 @@ class RetriNetObjective:
             ref_latents = self.vae.encode(refs.flatten(0, 1).to(device, self.weight_dtype)).latent_dist.mode() * sf
             keep = torch.rand(b) >= self.args.prompt_dropout  # prompt dropout, references kept
             prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist())]
-            ehs = self.text_encoder(tokenize(self.tokenizer, prompts).to(device))[0]  # (B, L, D)
+            ehs = embed_texts(self.tokenizer, self.text_encoder, prompts, device)  # (B, L, D)
             concept_embeds = torch.stack([self.concept_table[c] for cs in batch["concepts"] for c in cs])  # (B*N, L, D)
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), device=device).long()

@@ -2,7 +2,7 @@
 
 from pipelines.retrinet.attention import ControlCrossAttention
 from pipelines.retrinet.model import TRAINING_MODES, RetrievalFeatures, RetriNetModel
-from pipelines.retrinet.pipeline import Reference, RetriNetPipeline, RetriNetPipelineOutput
+from pipelines.retrinet.pipeline import Reference, RetriNetPipeline, RetriNetPipelineOutput, embed_texts
 
 __all__ = ["ControlCrossAttention", "RetriNetModel", "RetrievalFeatures", "RetriNetPipeline", "RetriNetPipelineOutput",
-           "Reference", "TRAINING_MODES"]
+           "Reference", "TRAINING_MODES", "embed_texts"]

@@ -188,6 +188,8 @@ class RetriNetModel(ModelMixin, ConfigMixin):
             raise ValueError(f"RetriNet supports Stable Diffusion 1.x / 2.x UNets; this one has {unsupported}")
         if c.get("conv_in_kernel", 3) != 3:
             raise ValueError(f"conv_in_kernel {c.conv_in_kernel} is not supported (3 is)")
+        if isinstance(c.layers_per_block, (list, tuple)):
+            raise ValueError("a different number of layers per block is not supported")
         model = cls(
             in_channels=c.in_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift,
             down_block_types=tuple(c.down_block_types), mid_block_type=c.mid_block_type,
@@ -201,8 +203,6 @@ class RetriNetModel(ModelMixin, ConfigMixin):
             resnet_time_scale_shift=c.resnet_time_scale_shift,
             retrieval_attention_heads=retrieval_attention_heads, max_references=max_references,
         )
-        if isinstance(c.layers_per_block, (list, tuple)):
-            raise ValueError("a different number of layers per block is not supported")
         if load_weights_from_unet:
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
                 getattr(model, name).load_state_dict(getattr(unet, name).state_dict())

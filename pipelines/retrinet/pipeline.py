@@ -88,6 +88,15 @@ class _FeatureCache:
         return len(self._items)
 
 
+def embed_texts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: Sequence[str],
+                device: torch.device | str) -> torch.Tensor:
+    """(len(texts), L, D) text-encoder states of ``texts`` padded to the tokenizer's length: how
+    concept words are encoded, at inference here and in training (``training.train_retrinet``)."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
 def _is_reference(ref) -> bool:
     return isinstance(ref, Reference) or (isinstance(ref, (tuple, list)) and len(ref) == 2 and isinstance(ref[1], str))
 
@@ -173,16 +182,11 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
     def encode_concepts(self, concepts: Sequence[str], device: torch.device) -> torch.Tensor:
         """Text embeddings (len(concepts), L, D) of concept words, cached per word."""
         key = (id(self.text_encoder), str(device))
-        out = []
-        for word in concepts:
-            emb = self._concept_embeds.get((*key, word))
-            if emb is None:
-                ids = self.tokenizer(word, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids
-                emb = self.text_encoder(ids.to(device))[0][0]
+        missing = sorted({w for w in concepts if (*key, w) not in self._concept_embeds})
+        if missing:
+            for word, emb in zip(missing, embed_texts(self.tokenizer, self.text_encoder, missing, device)):
                 self._concept_embeds[(*key, word)] = emb
-            out.append(emb)
-        return torch.stack(out).to(dtype=self.retrinet.dtype)
+        return torch.stack([self._concept_embeds[(*key, w)] for w in concepts]).to(dtype=self.retrinet.dtype)
 
     def encode_references(self, groups: list[list[Reference]], size: int, device: torch.device,
                           generator=None) -> tuple[torch.Tensor, torch.Tensor, str]:

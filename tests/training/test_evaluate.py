@@ -33,8 +33,8 @@ def eval_set(toybooru, toybooru_records, tmp_path):
     return path
 
 
-def rows(out):
-    with open(out / "scores.csv", newline="") as f:
+def rows(out, name="scores.csv"):
+    with open(out / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -98,12 +98,8 @@ def test_two_processes_share_the_pictures_and_merge(tiny_pipeline, tiny_clip, ev
     run = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    parts = [rows_of(out / f"scores.rank{i}.csv") for i in (0, 1)]
+    parts = [rows(out, f"scores.rank{i}.csv") for i in (0, 1)]
     assert len(parts[0]) == len(parts[1]) == 8  # 8 of the 16 pictures each
     assert {r["file"] for r in parts[0]}.isdisjoint({r["file"] for r in parts[1]})
     assert len(rows(out)) == 16 and (out / "summary.md").is_file()
 
-
-def rows_of(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
