@@ -58,6 +58,25 @@ TINY_TEXT = {
     "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32,
 }
+# The demo family (trained on Toybooru by ``python -m training.demo_zoo``): 64 px pictures,
+# 16 x 16 x 4 latents, a CLIP whose text tower is the text encoder, and a UNet of 1.5 M parameters
+DEMO_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "sample_size": 64,
+    "block_out_channels": (16, 32, 64), "norm_num_groups": 8,
+    "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+}
+DEMO_CLIP_TEXT = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                  "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
+DEMO_CLIP_VISION = {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "image_size": 64, "patch_size": 8, "hidden_act": "quick_gelu"}
+DEMO_CLIP_PROJECTION = 64
+DEMO_UNET = {
+    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64, 64),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16,
+}
 SIZES = {
     "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT),
     "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT),
@@ -118,3 +137,48 @@ def build_components(size: str = "tiny", seed: int = 0, tokenizer: CLIPTokenizer
         raise ValueError(f"a vocabulary of {text_cfg['vocab_size']} is too small for {len(tokenizer)} tokens")
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
             "scheduler": PNDMScheduler(**SD15_SCHEDULER)}
+
+
+def write_word_tokenizer(folder: str | Path, words, model_max_length: int = 77) -> Path:
+    """Write a ``CLIPTokenizer`` whose vocabulary holds every word of ``words`` as one token.
+
+    A real CLIP byte-level BPE: the 512 single characters (so any text still tokenizes) plus,
+    for each word, the merges that build it from right to left. Every merge joins a character
+    to a word ending ("...</w>"), and only a word's last symbol carries that ending, so BPE can
+    only ever grow the ending leftwards: each word of ``words`` becomes exactly one token, and
+    any other text still tokenizes (into its longest known ending and single characters).
+    ``words`` are split as CLIP's tokenizer splits text (lower case; letters, digits and
+    punctuation apart): "blue hair, polka dot shirt" is 6 tokens instead of 26 characters.
+    """
+    import regex
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_map = _bytes_to_unicode()
+    pattern = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+    pieces = sorted({p for w in words for p in pattern.findall(str(w).lower())})
+    if not pieces:
+        raise ValueError("no words to build a tokenizer from")
+    chars = list(byte_map.values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    known = set(vocab_list)
+    merges: list[str] = []
+    for piece in pieces:
+        symbols = ["".join(byte_map[b] for b in ch.encode("utf-8")) for ch in piece]
+        symbols[-1] += "</w>"
+        current = symbols[-1]
+        for prev in reversed(symbols[:-1]):  # right to left: only the last symbol ends in </w>
+            merged = prev + current
+            if merged not in known:
+                merges.append(f"{prev} {current}")
+                vocab_list.append(merged)
+                known.add(merged)
+            current = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length,
+                        pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return folder

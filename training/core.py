@@ -248,6 +248,7 @@ class Trainer:
         if checkpoint is None:
             if spec and spec != "latest":
                 raise ValueError(f"no checkpoint at {spec}")
+            self.metrics.truncate_after(0)  # a fresh start: lines of an earlier, lost run go
             return 0
         saved = read_state(checkpoint)
         mismatched = {k: (saved.signature.get(k), v) for k, v in self.state.signature.items()
@@ -325,3 +326,72 @@ class Trainer:
                 st.batches_in_epoch = 0
         acc.wait_for_everyone()
         return st
+
+
+# ---------------------------------------------------------------------- what every script shares
+
+def add_training_arguments(p, *, learning_rate: float, batch_size: int, max_train_steps: int,
+                           checkpointing_steps: int) -> None:
+    """The optimisation and output arguments of every ``train_*`` script, with its defaults."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning-rate", type=float, default=learning_rate)
+    g.add_argument("--lr-warmup-steps", type=int, default=0)
+    g.add_argument("--adam-weight-decay", type=float, default=1e-2)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--train-batch-size", type=int, default=batch_size, help="per process")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    g.add_argument("--max-train-steps", type=int, default=max_train_steps)
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="default: what `accelerate config` says")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dataloader-num-workers", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--checkpointing-steps", type=int, default=checkpointing_steps)
+    g.add_argument("--checkpoints-total-limit", type=int, default=2)
+    g.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--logging-steps", type=int, default=10)
+
+
+def check_training_arguments(p, args) -> None:
+    """``parser.error`` for the shared arguments that are out of range."""
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                 "logging_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.learning_rate > 0:
+        p.error("--learning-rate must be positive")
+
+
+def trainer_config(args) -> TrainerConfig:
+    return TrainerConfig(
+        output_dir=str(args.output_dir), max_train_steps=args.max_train_steps, batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit, logging_steps=args.logging_steps,
+        validation_steps=getattr(args, "validation_steps", None), seed=args.seed,
+        num_workers=args.dataloader_num_workers, max_grad_norm=args.max_grad_norm)
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0):
+    """Linear warm-up, then cosine to 10 % of the learning rate at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        phase = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * phase))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class WithLoss(torch.nn.Module):
+    """``model`` and a ``loss(model, *inputs)`` in one ``forward``: a data-parallel wrapper syncs
+    gradients only through ``forward``, so a loss that calls other methods of the model (an
+    encoder, then a decoder) must be run this way to train on several processes."""
+
+    def __init__(self, model: torch.nn.Module, loss: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, *inputs, **kwargs) -> torch.Tensor:
+        return self.loss(self.model, *inputs, **kwargs)

@@ -1,0 +1,196 @@
+"""The demo family's training scripts, its build command and its judge, on tiny sizes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+from pipelines.components import TINY_UNET, TINY_VAE, write_word_tokenizer
+from pipelines.metrics.attributes import AttributeClassifier
+from training.core import read_metrics
+from training.data.images import TaggedImages, caption_words, collate_images
+
+TINY_CLIP = {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "max_position_embeddings": 77},
+             "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                               "num_attention_heads": 4, "patch_size": 8},
+             "projection_dim": 16}
+
+
+def shared(out, steps=2, batch=4):
+    return ["--output-dir", str(out), "--max-train-steps", str(steps), "--train-batch-size", str(batch),
+            "--checkpointing-steps", "1", "--logging-steps", "1", "--resolution", "32"]
+
+
+# ---------------------------------------------------------------------- tokenizer and data
+
+def test_word_tokenizer_makes_every_tag_word_one_token(tmp_path, toybooru):
+    words = caption_words(toybooru)
+    folder = write_word_tokenizer(tmp_path / "tok", words)
+    slow, fast = CLIPTokenizer.from_pretrained(folder), CLIPTokenizerFast.from_pretrained(folder)
+    pieces = {p for w in words for p in slow.tokenize(w)}
+    for w in words:
+        for piece in slow.tokenize(w):
+            assert piece.endswith("</w>"), (w, slow.tokenize(w))  # whole words only, no fragments
+    assert len(slow.tokenize("blue hair, polka dot shirt")) == 6
+    assert "blue</w>" in pieces and "hair</w>" in pieces
+    # text outside the vocabulary still tokenizes, and the fast tokenizer agrees
+    odd = "an unseen wordé, 12 SHIRTS!"
+    assert slow(odd).input_ids == fast(odd).input_ids
+    assert slow.decode(slow(odd).input_ids, skip_special_tokens=True).replace(" ", "") == odd.lower().replace(" ", "")
+    with pytest.raises(ValueError, match="no words"):
+        write_word_tokenizer(tmp_path / "empty", [])
+
+
+def test_tagged_images_are_deterministic_per_epoch(toybooru):
+    ds = TaggedImages(toybooru, "train", resolution=32, tag_dropout=0.5, seed=1)
+    a, b = ds[3], ds[3]
+    assert a["pixel_values"].shape == (3, 32, 32) and a["pixel_values"].min() >= -1 and a["pixel_values"].max() <= 1
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+    captions = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        captions.add(ds[3]["caption"])
+    assert len(captions) > 1  # tag dropout changes with the epoch
+    full = TaggedImages(toybooru, "train", resolution=32)[3]["caption"]
+    assert all(set(c.split(", ")) <= set(full.split(", ")) for c in captions if c)
+    batch = collate_images([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["index"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="no readable picture"):
+        TaggedImages(toybooru, "nonexistent-split")
+    with pytest.raises(ValueError, match="tag_dropout"):
+        TaggedImages(toybooru, tag_dropout=1.0)
+
+
+# ---------------------------------------------------------------------- the scripts, chained as the build chains them
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, toybooru):
+    from training import train_clip, train_text_to_image, train_vae
+
+    root = tmp_path_factory.mktemp("family")
+    (root / "vae.json").write_text(json.dumps(TINY_VAE))
+    (root / "clip.json").write_text(json.dumps(TINY_CLIP))
+    (root / "unet.json").write_text(json.dumps(dict(TINY_UNET, cross_attention_dim=32)))
+    vae = train_vae.main(train_vae.parse_args(["--data", str(toybooru), "--vae-config", str(root / "vae.json"),
+                                               *shared(root / "vae")]))
+    clip = train_clip.main(train_clip.parse_args(["--data", str(toybooru), "--clip-config", str(root / "clip.json"),
+                                                  *shared(root / "clip")]))
+    base = train_text_to_image.main(train_text_to_image.parse_args(
+        ["--vae", str(root / "vae" / "vae"), "--text-encoder", str(root / "clip" / "clip"), "--data", str(toybooru),
+         "--unet-config", str(root / "unet.json"), *shared(root / "base")]))
+    return {"root": root, "vae": vae, "clip": clip, "base": base}
+
+
+def test_vae_script_sets_the_latent_scale(family):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(family["root"] / "vae" / "vae")
+    assert family["vae"]["global_step"] == 2
+    assert vae.config.scaling_factor == pytest.approx(family["vae"]["scaling_factor"]) and vae.config.scaling_factor > 0
+    assert [r["step"] for r in read_metrics(family["root"] / "vae" / "metrics.jsonl")] == [1, 2]
+
+
+def test_clip_script_saves_model_processor_and_word_tokenizer(family, toybooru):
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = family["root"] / "clip" / "clip"
+    model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    assert model.config.vision_config.image_size == 32
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert processor.tokenizer.tokenize("blue hair") == ["blue</w>", "hair</w>"]
+    assert model.config.text_config.eos_token_id == processor.tokenizer.eos_token_id
+
+
+def test_text_to_image_script_writes_a_stable_diffusion_folder(family):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(family["root"] / "base" / "pipeline")
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 32
+    assert pipe.unet.config.sample_size == 16  # 32 px through a 2x VAE
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("1girl, blue hair", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and (0 <= out).all() and (out <= 1).all()
+
+
+def test_text_to_image_needs_its_components(toybooru, tmp_path):
+    from training import train_text_to_image
+
+    with pytest.raises(SystemExit):
+        train_text_to_image.parse_args(["--data", str(toybooru), "--output-dir", str(tmp_path), "--vae", "x"])
+    args = train_text_to_image.parse_args(["--data", str(toybooru), "--output-dir", str(tmp_path), "--vae",
+                                           str(tmp_path / "missing"), "--text-encoder", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="cannot load the components"):
+        train_text_to_image.main(args)
+
+
+def test_judge_learns_and_reports_accuracy(toybooru, tmp_path):
+    from training import train_judge
+
+    result = train_judge.main(train_judge.parse_args(["--data", str(toybooru), "--width", "8",
+                                                      *shared(tmp_path, steps=3, batch=8)]))
+    acc = json.loads((tmp_path / "accuracy.json").read_text())
+    assert acc["split"] == "test" and set(acc["accuracy"]) == set(train_judge.ATTRIBUTES)
+    assert all(0 <= v <= 1 for v in acc["accuracy"].values()) and acc["accuracy"] == result["accuracy"]
+    judge = AttributeClassifier.from_pretrained(tmp_path / "judge")
+    from PIL import Image
+
+    pred = judge.predict([Image.new("RGB", (50, 70), "red")])
+    assert set(pred[0]) == set(train_judge.ATTRIBUTES)
+    assert all(pred[0][k] in judge.config.attributes[k] for k in pred[0])
+
+
+def test_attribute_classifier_rejects_one_class():
+    with pytest.raises(ValueError, match="two classes"):
+        AttributeClassifier({"hair_color": ["red"]})
+
+
+# ---------------------------------------------------------------------- the build command
+
+def test_every_stage_command_parses(tmp_path):
+    import importlib
+
+    from training.demo_zoo import plan
+
+    for stage in plan(tmp_path / "work", tmp_path / "out").values():
+        module = importlib.import_module(stage.module)
+        if stage.module == "training.train_semantica" and not hasattr(module, "parse_args"):
+            pytest.fail("training.train_semantica has no parse_args")
+        module.parse_args(stage.args)  # exits on an unknown or bad argument
+
+
+def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkeypatch):
+    from training.demo_zoo import Stage, run_stages
+
+    work, made, lib = tmp_path / "work", tmp_path / "made", tmp_path / "lib"
+    for d in (work, made, lib):
+        d.mkdir()
+    # a stand-in for a training script: appends its name to a log, then writes its output
+    (lib / "fake_stage.py").write_text(
+        "import pathlib, sys\n"
+        "name, log, out = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])\n"
+        "if name == 'bad': sys.exit(3)\n"
+        "with open(log, 'a') as f: f.write(name + '\\n')\n"
+        "out.write_text('x')\n")
+    monkeypatch.setenv("PYTHONPATH", str(lib))
+    log = tmp_path / "order.txt"
+
+    def stage(name, needs=()):
+        return Stage(name, "fake_stage", [name, str(log), str(made / name)], (made / name).exists, needs)
+
+    stages = {"c": stage("c", ("b",)), "b": stage("b", ("a",)), "a": stage("a")}
+    records = run_stages(stages, work, jobs=2)
+    assert log.read_text().split() == ["a", "b", "c"]  # dependency order, whatever the listing order
+    assert set(records) == {"a", "b", "c"} and all(r["seconds"] >= 0 for r in records.values())
+    assert records["a"]["command"] == ["python", "-m", "fake_stage", "a", str(log), str(made / "a")]
+    assert json.loads((work / "stages.json").read_text()).keys() == records.keys()
+    run_stages(stages, work, jobs=2)  # everything is done: nothing runs again
+    assert log.read_text().split() == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="stage bad failed"):
+        run_stages({"bad": stage("bad")}, work, jobs=1)
+    with pytest.raises(RuntimeError, match="wait for stages"):
+        run_stages({"x": stage("x", ("missing",))}, work, jobs=1)

@@ -1,0 +1,89 @@
+"""Pictures and their tag captions from a RetriBooru-style folder, for the demo family's VAE,
+CLIP and text-to-image models.
+
+Every picture of the split is decoded once and kept in memory as uint8 (10,000 pictures of
+64 px are 120 MB), so a step costs no PNG decoding. The random choices of a sample (horizontal
+flip, which tags are dropped) depend only on (seed, epoch, index): a resumed run sees the same
+samples as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+
+from training.data.retribooru import CorruptFile, open_record, prompt_from_tags, read_annotations
+
+logger = logging.getLogger(__name__)
+
+
+class TaggedImages(Dataset):
+    """Items: ``pixel_values`` (3, R, R) in [-1, 1], ``caption`` (str), ``id``, ``index``.
+
+    ``tag_dropout``: each tag is left out of the caption with this probability (so the model also
+    follows short prompts); ``flip``: mirror half of the samples (Toybooru's tags do not say left
+    or right).
+    """
+
+    def __init__(self, root: str | Path, split: str | None = "train", resolution: int = 64,
+                 tag_dropout: float = 0.0, flip: bool = True, seed: int = 0):
+        if resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
+        if not 0 <= tag_dropout < 1:
+            raise ValueError(f"tag_dropout must be in [0, 1), got {tag_dropout}")
+        self.root, self.resolution = Path(root), resolution
+        self.tag_dropout, self.flip, self.seed, self.epoch = tag_dropout, flip, seed, 0
+        records, self.skipped = read_annotations(self.root)
+        if split is not None:
+            records = [r for r in records if r.get("split") == split]
+        pictures, kept = [], []
+        for rec in records:
+            try:
+                image, _ = open_record(self.root, rec)
+            except CorruptFile as e:
+                self.skipped["corrupt_file"] += 1
+                logger.warning("%s", e)
+                continue
+            if image.size != (resolution, resolution):
+                image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            pictures.append(TF.pil_to_tensor(image))
+            kept.append(rec)
+        if not kept:
+            raise ValueError(f"{root} has no readable picture in split {split!r}")
+        self.records = kept
+        self.pixels = torch.stack(pictures)  # (N, 3, R, R) uint8
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+        x = self.pixels[index].float().div(127.5).sub(1.0)
+        if self.flip and torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        tags = self.records[index]["tags"]
+        if self.tag_dropout:
+            keep = torch.rand(len(tags), generator=g) >= self.tag_dropout
+            tags = [t for t, k in zip(tags, keep.tolist()) if k]
+        return {"pixel_values": x, "caption": prompt_from_tags(tags), "id": self.records[index]["id"], "index": index}
+
+
+def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "caption": [s["caption"] for s in samples], "id": [s["id"] for s in samples],
+            "index": torch.tensor([s["index"] for s in samples])}
+
+
+def caption_words(root: str | Path) -> list[str]:
+    """Every tag of a folder's records as caption text (for a word-level tokenizer)."""
+    records, _ = read_annotations(root)
+    return sorted({t.replace("_", " ") for r in records for t in r["tags"]})

@@ -1,0 +1,145 @@
+"""Train a (small) ``CLIPModel`` contrastively on pictures and their tag captions.
+
+    accelerate launch -m training.train_clip --data DIR --output-dir OUT --resolution 64
+
+CLIP's symmetric InfoNCE loss (Radford et al., 2021; ``CLIPModel(return_loss=True)``) over the
+pictures of a RetriBooru-style folder and captions made from their tags, a random part of the
+tags left out of each caption (``--tag-dropout``) so short prompts also land near their
+pictures. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
+from the folder's tag vocabulary (``pipelines.components.write_word_tokenizer``). The model,
+its tokenizer and an image processor that matches the training transform are saved to
+``OUT/clip``, loadable with ``CLIPModel`` / ``CLIPProcessor.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+from pipelines.components import DEMO_CLIP_PROJECTION, DEMO_CLIP_TEXT, DEMO_CLIP_VISION, write_word_tokenizer
+from training.core import (Trainer, add_training_arguments, check_training_arguments, make_accelerator,
+                           trainer_config, warmup_cosine)
+from training.data.images import TaggedImages, caption_words, collate_images
+
+logger = logging.getLogger("train_clip")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="accelerate launch -m training.train_clip", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="a RetriBooru-style folder")
+    p.add_argument("--split", default="train", help="split to train on ('none': every record)")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--tokenizer", default=None, help="a CLIPTokenizer folder (default: built from the tags)")
+    p.add_argument("--clip-config", default=None, help="JSON file of CLIPConfig arguments (default: the demo's)")
+    p.add_argument("--tag-dropout", type=float, default=0.2)
+    add_training_arguments(p, learning_rate=5e-4, batch_size=128, max_train_steps=1000, checkpointing_steps=100)
+    args = p.parse_args(argv)
+    check_training_arguments(p, args)
+    if not 0 <= args.tag_dropout < 1:
+        p.error("--tag-dropout must be in [0, 1)")
+    return args
+
+
+def build_clip(args, tokenizer: CLIPTokenizer) -> CLIPModel:
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if args.clip_config:
+        try:
+            kwargs = json.loads(Path(args.clip_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read --clip-config {args.clip_config}: {e}") from e
+    else:
+        kwargs = {"text_config": dict(DEMO_CLIP_TEXT), "vision_config": dict(DEMO_CLIP_VISION),
+                  "projection_dim": DEMO_CLIP_PROJECTION}
+    kwargs["text_config"] = {**kwargs.get("text_config", {}), "vocab_size": len(tokenizer), **ids}
+    kwargs["vision_config"] = {**kwargs.get("vision_config", {}), "image_size": args.resolution}
+    return CLIPModel(CLIPConfig(**kwargs))
+
+
+def image_processor(resolution: int) -> CLIPImageProcessor:
+    """CLIP's preprocessing at ``resolution`` (its mean and std; resizing is a no-op on
+    ``resolution``-pixel squares, which is what training sees)."""
+    return CLIPImageProcessor(size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution})
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """CLIP's loss on pictures in [-1, 1] and token ids, inside one ``forward`` (for DDP)."""
+
+    def __init__(self, clip: CLIPModel, processor: CLIPImageProcessor):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = ((pixels + 1) / 2 - self.mean) / self.std  # what CLIPImageProcessor does to a [0, 255] picture
+        return self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=x, return_loss=True).loss
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.output_dir)
+    accelerator = make_accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    split = None if args.split == "none" else args.split
+    dataset = TaggedImages(args.data, split, args.resolution, tag_dropout=args.tag_dropout, seed=args.seed)
+    if args.tokenizer:
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the tokenizer {args.tokenizer}: {e}") from e
+    else:
+        folder = out / "tokenizer"
+        if not (folder / "vocab.json").is_file():
+            if accelerator.is_main_process:
+                write_word_tokenizer(folder, caption_words(args.data))
+            accelerator.wait_for_everyone()
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    processor = image_processor(args.resolution)
+    clip = build_clip(args, tokenizer)
+    signature = {"clip": json.loads(clip.config.to_json_string()), "num_processes": accelerator.num_processes,
+                 "train_batch_size": args.train_batch_size,
+                 "gradient_accumulation_steps": args.gradient_accumulation_steps}
+    signature["clip"].pop("transformers_version", None)
+    model = ContrastiveLoss(clip, processor)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    n = accelerator.num_processes
+    lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    model.train()
+
+    def loss_fn(batch):
+        tok = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        return model(batch["pixel_values"].to(accelerator.device), tok.input_ids.to(accelerator.device),
+                     tok.attention_mask.to(accelerator.device))
+
+    trainer = Trainer(accelerator, trainer_config(args), dataset, collate_images, [model], optimizer, lr_scheduler,
+                      loss_fn, signature)
+    start = trainer.resume(args.resume_from_checkpoint)
+    logger.info("training CLIP on %d pictures from step %d to %d", len(dataset), start, args.max_train_steps)
+    state = trainer.train()
+    result: dict[str, Any] = {"global_step": state.global_step, "output_dir": str(out)}
+    if accelerator.is_main_process:
+        clip = accelerator.unwrap_model(model).clip
+        clip.save_pretrained(out / "clip")
+        CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out / "clip")
+    accelerator.wait_for_everyone()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as e:
+        logger.error("%s", e)
+        sys.exit(f"error: {e}")

@@ -1,0 +1,107 @@
+"""Train the attribute classifier that judges the demo family (``pipelines.metrics.attributes``).
+
+    python -m training.train_judge --data TOYBOORU_DIR --output-dir OUT
+
+Labels are Toybooru's ground truth (``truth`` of each record): hair colour and style, eye
+colour, garment, outfit colour and pattern. Trained on the ``train`` split; its accuracy per
+attribute on the ``test`` split is written to ``OUT/accuracy.json`` and the model to
+``OUT/judge``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from pipelines.metrics.attributes import AttributeClassifier
+from training.core import (Trainer, WithLoss, add_training_arguments, check_training_arguments, make_accelerator,
+                           trainer_config, warmup_cosine)
+from training.data.images import TaggedImages, collate_images
+
+logger = logging.getLogger("train_judge")
+ATTRIBUTES = {"hair_color": "hair_color", "hair_style": "hair_style", "eye_color": "eye_color",
+              "garment": "garment", "cloth_color": "cloth_color", "pattern": "pattern"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.train_judge", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="a Toybooru folder (records with `truth`)")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--width", type=int, default=32)
+    add_training_arguments(p, learning_rate=2e-3, batch_size=64, max_train_steps=600, checkpointing_steps=100)
+    args = p.parse_args(argv)
+    check_training_arguments(p, args)
+    return args
+
+
+def labelled(dataset: TaggedImages) -> dict[str, list[str]]:
+    """The classes of every attribute in ``dataset`` (raises if a record has no ground truth)."""
+    classes: dict[str, set[str]] = {k: set() for k in ATTRIBUTES}
+    for rec in dataset.records:
+        truth = rec.get("truth")
+        if not isinstance(truth, dict) or any(k not in truth for k in ATTRIBUTES):
+            raise ValueError(f"record {rec['id']} has no ground truth; the judge needs a Toybooru folder")
+        for k in ATTRIBUTES:
+            classes[k].add(str(truth[k]))
+    return {k: sorted(v) for k, v in classes.items()}
+
+
+def accuracy(model: AttributeClassifier, dataset: TaggedImages) -> dict[str, float]:
+    predictions = model.predict(dataset.pixels.float().div(127.5).sub(1.0))
+    return {k: sum(p[k] == str(r["truth"][k]) for p, r in zip(predictions, dataset.records)) / len(dataset)
+            for k in model.config.attributes}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.output_dir)
+    accelerator = make_accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    train = TaggedImages(args.data, "train", args.resolution, seed=args.seed)
+    classes = labelled(train)
+    index = {k: {c: i for i, c in enumerate(v)} for k, v in classes.items()}
+    targets = {k: torch.tensor([index[k][str(r["truth"][k])] for r in train.records]) for k in classes}
+    model = WithLoss(AttributeClassifier(classes, resolution=args.resolution, width=args.width),
+                     AttributeClassifier.loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    n = accelerator.num_processes
+    lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    def loss_fn(batch):
+        labels = {k: v[batch["index"]].to(accelerator.device) for k, v in targets.items()}
+        return model(batch["pixel_values"].to(accelerator.device), labels)
+
+    signature = {"attributes": classes, "width": args.width, "num_processes": n,
+                 "train_batch_size": args.train_batch_size}
+    trainer = Trainer(accelerator, trainer_config(args), train, collate_images, [model], optimizer, lr_scheduler,
+                      loss_fn, signature)
+    trainer.resume(args.resume_from_checkpoint)
+    state = trainer.train()
+    result: dict[str, Any] = {"global_step": state.global_step, "output_dir": str(out)}
+    if accelerator.is_main_process:
+        judge = accelerator.unwrap_model(model).model
+        test = TaggedImages(args.data, "test", args.resolution, flip=False)
+        result["accuracy"] = accuracy(judge, test)
+        judge.save_pretrained(out / "judge")
+        (out / "accuracy.json").write_text(json.dumps({"split": "test", "pictures": len(test),
+                                                       "accuracy": result["accuracy"]}, indent=1))
+        logger.info("accuracy on %d test pictures: %s", len(test), result["accuracy"])
+    accelerator.wait_for_everyone()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as e:
+        logger.error("%s", e)
+        sys.exit(f"error: {e}")
