@@ -78,3 +78,20 @@ class ClipScorer:
             out.append((e[start:start + len(refs)] @ g[i]).mean())
             start += len(refs)
         return torch.stack(out)
+
+    def scores(self, images: Sequence[Image.Image], references: Sequence[Sequence[Image.Image]],
+               prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLIP-I, CLIP-T), each (N,), embedding every picture once (a sweep cell's scoring)."""
+        if not (len(images) == len(references) == len(prompts)):
+            raise ValueError(f"{len(images)} pictures, {len(references)} lists of references and {len(prompts)} "
+                             "prompts; one of each per picture")
+        if any(len(r) == 0 for r in references):
+            raise ValueError("a picture has no reference")
+        flat = [im for refs in references for im in refs]
+        e = self.image_embeds([*images, *flat])
+        g, r = e[:len(images)], e[len(images):]
+        clip_i, start = [], 0
+        for i, refs in enumerate(references):
+            clip_i.append((r[start:start + len(refs)] @ g[i]).mean())
+            start += len(refs)
+        return torch.stack(clip_i), (g * self.text_embeds(prompts)).sum(-1)

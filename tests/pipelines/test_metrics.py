@@ -57,6 +57,20 @@ def test_clip_i_of_a_picture_with_itself_is_one(tiny_clip):
         scorer.clip_t(images, ["a", "b"])
 
 
+def test_scores_equal_clip_i_and_clip_t_computed_apart(tiny_clip):
+    scorer = ClipScorer.from_pretrained(str(tiny_clip), batch_size=2)
+    images, refs = pictures(3), pictures(4, seed=2)
+    references = [[refs[0]], [refs[1], refs[2]], [refs[3], refs[0], refs[1]]]
+    prompts = ["blue hair", "red shirt", "1girl, outdoors"]
+    clip_i, clip_t = scorer.scores(images, references, prompts)
+    assert torch.allclose(clip_i, scorer.clip_i(images, references), atol=1e-5)
+    assert torch.allclose(clip_t, scorer.clip_t(images, prompts), atol=1e-5)
+    with pytest.raises(ValueError, match="one of each per picture"):
+        scorer.scores(images, references[:2], prompts)
+    with pytest.raises(ValueError, match="no reference"):
+        scorer.scores(images[:1], [[]], prompts[:1])
+
+
 def test_frechet_distance_matches_scipy():
     from scipy import linalg
 

@@ -1,0 +1,279 @@
+"""The demo family's report: does composition work, in numbers, on pictures it never saw.
+
+    python -m training.demo_zoo --out assets/demo-zoo --report
+
+Everything is measured on the held-out ``test`` split of the build's Toybooru and judged by the
+attribute classifier (``pipelines.metrics.attributes``, trained on Toybooru's ground truth, not
+the generator's CLIP); its own accuracy on real test pictures comes first. In every RetriNet
+figure the prompt names no identity attribute (only "1girl, solo", pose, framing and background
+words), so hair, eyes and outfit can only come from the references.
+
+- base: the text-to-image model with the test pictures' full tag prompts; hair colour and outfit
+  colour right;
+- reconstruction: 4 "figure" references of one character in one outfit (other pictures of the
+  target's cluster); hair and eye colour (the character) and outfit colour and pattern right;
+- composition: 2 "face" references of character A and 2 "clothes" references of an outfit B of
+  another character (a pairing never seen in training); A's hair and eye colours and B's outfit
+  colour and pattern right; for in-domain characters (train characters' test pictures) and
+  out-of-domain ones (characters never seen in training);
+- settings -a and -b (seed 001, Sec. 3.1), trained with the same budget: CLIP-I, CLIP-T, DF-L2
+  and the SWD pairs (``training.evaluate.summarise``) on the in-domain composition set;
+- Semantica: one-shot FID, precision and recall against the test pictures of each character,
+  beside a model that copies its conditioning picture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipelines.retrinet import Reference
+from training.data.retribooru import open_record, prepare_reference, prompt_from_tags, read_annotations
+
+logger = logging.getLogger("demo_report")
+STEPS, GUIDANCE, SIZE = 20, 5.0, 64
+CHARACTER = ("hair_color", "eye_color")
+OUTFIT = ("cloth_color", "pattern")
+
+
+def neutral_prompt(rec: dict[str, Any]) -> str:
+    """The record's tags without any identity attribute: no hair, eyes or clothes words."""
+    cloth = set(rec.get("cloth_tags", []))
+    keep = [t for t in rec["tags"] if t not in cloth and not t.endswith(("_hair", "_eyes", "hair", "twintails"))]
+    return prompt_from_tags(keep)
+
+
+def reference(root: Path, rec: dict[str, Any], concept: str) -> Reference | None:
+    image, mask = open_record(root, rec)
+    padded, got = prepare_reference(image, mask, rec["face_bbox"], concept, SIZE)
+    return Reference(padded, got) if got == concept else None
+
+
+def grid(rows: list[list[Image.Image]], path: Path, size: int = SIZE) -> None:
+    cols = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (cols * size, len(rows) * size), "white")
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            canvas.paste(im.resize((size, size)), (j * size, i * size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def rate(predictions: list[dict[str, str]], truths: list[dict[str, str]], keys: tuple[str, ...]) -> float:
+    return sum(all(p[k] == str(t[k]) for k in keys) for p, t in zip(predictions, truths)) / max(1, len(truths))
+
+
+def per_attribute(predictions, truths, keys) -> dict[str, float]:
+    return {k: rate(predictions, truths, (k,)) for k in keys}
+
+
+def _batched(pipe, prompts, refs, seed: int, batch: int = 8) -> list[Image.Image]:
+    images: list[Image.Image] = []
+    for s in range(0, len(prompts), batch):
+        images += pipe(prompts[s:s + batch], refs[s:s + batch], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                       height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed + s)).images
+    return images
+
+
+def composition_set(root: Path, records, rng: random.Random, samples: int, domain: str):
+    """(prompts, references, truths of the mix) for ``domain`` "in" or "out"."""
+    train_chars = {r["character"] for r in records if r["split"] == "train"}
+    test = [r for r in records if r["split"] == "test"]
+    clusters: dict[str, list[dict]] = defaultdict(list)
+    for r in test:
+        clusters[r["cluster"]].append(r)
+    faces = [c for c, rs in clusters.items() if len(rs) >= 2 and
+             ((rs[0]["character"] in train_chars) == (domain == "in"))]
+    outfits = [c for c, rs in clusters.items() if len(rs) >= 2]
+    prompts, refs, truths = [], [], []
+    tries = 0
+    while len(prompts) < samples and tries < samples * 20:
+        tries += 1
+        a, b = rng.choice(faces), rng.choice(outfits)
+        ra, rb = clusters[a], clusters[b]
+        if ra[0]["character"] == rb[0]["character"]:
+            continue
+        face_refs = [reference(root, r, "face") for r in rng.sample(ra, 2)]
+        cloth_refs = [reference(root, r, "clothes") for r in rng.sample(rb, min(len(rb), 4))]
+        cloth_refs = [c for c in cloth_refs if c is not None][:2]
+        if any(f is None for f in face_refs) or len(cloth_refs) < 2:
+            continue
+        truth = {k: ra[0]["truth"][k] for k in CHARACTER} | {k: rb[0]["truth"][k] for k in OUTFIT}
+        prompts.append(neutral_prompt(rng.choice(test)))
+        refs.append(face_refs + cloth_refs)
+        truths.append(truth)
+    return prompts, refs, truths
+
+
+def retrinet_pipeline(folder: Path):
+    from pipelines.retrinet import RetriNetPipeline
+
+    pipe = RetriNetPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dict[str, Any]:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from pipelines.metrics import ClipScorer, face_distance
+    from pipelines.metrics.attributes import AttributeClassifier
+    from pipelines.retrinet import RetriNetModel, RetriNetPipeline
+    from training.evaluate import summarise
+
+    t0 = time.perf_counter()
+    out, work = Path(out), Path(work)
+    root = work / "toybooru"
+    records, _ = read_annotations(root)
+    test = [r for r in records if r["split"] == "test"]
+    rng = random.Random(f"demo-report/{seed}")
+    judge = AttributeClassifier.from_pretrained(out / "judge").eval()
+    figures: dict[str, Any] = {"judge": json.loads((out / "judge" / "accuracy.json").read_text())}
+    report_dir = out / "report"
+
+    # base model: full tag prompts of test pictures
+    base = StableDiffusionPipeline.from_pretrained(work / "runs" / "base" / "pipeline", safety_checker=None)
+    base.set_progress_bar_config(disable=True)
+    chosen = rng.sample(test, samples)
+    prompts = [prompt_from_tags(r["tags"]) for r in chosen]
+    images = []
+    for s in range(0, samples, 16):
+        images += base(prompts[s:s + 16], num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+                       generator=torch.Generator().manual_seed(seed + s)).images
+    pred = judge.predict(images)
+    truths = [r["truth"] for r in chosen]
+    figures["base"] = {"pictures": samples, "hair_and_outfit_colour": rate(pred, truths, ("hair_color", "cloth_color")),
+                       **per_attribute(pred, truths, ("hair_color", "cloth_color", "hair_style", "pattern"))}
+    grid([[open_record(root, r)[0], im] for r, im in zip(chosen[:8], images[:8])], report_dir / "base.png")
+    logger.info("base: %s", figures["base"])
+
+    pipe = retrinet_pipeline(out / "retrinet")
+    # reconstruction: 4 figure references from the target's own cluster
+    clusters: dict[str, list[dict]] = defaultdict(list)
+    for r in test:
+        clusters[r["cluster"]].append(r)
+    targets = [r for r in test if len(clusters[r["cluster"]]) >= 5]
+    prompts, refs, truths = [], [], []
+    for r in rng.sample(targets, min(samples, len(targets))):
+        others = rng.sample([o for o in clusters[r["cluster"]] if o["id"] != r["id"]], 4)
+        refs.append([reference(root, o, "figure") for o in others])
+        prompts.append(neutral_prompt(r))
+        truths.append(r["truth"])
+    images = _batched(pipe, prompts, refs, seed)
+    pred = judge.predict(images)
+    figures["reconstruction"] = {"pictures": len(images), "character_and_outfit": rate(pred, truths, CHARACTER + OUTFIT),
+                                 **per_attribute(pred, truths, CHARACTER + OUTFIT)}
+    grid([[x.image for x in rr] + [im] for rr, im in zip(refs[:8], images[:8])], report_dir / "reconstruction.png")
+    logger.info("reconstruction: %s", figures["reconstruction"])
+
+    # composition, in and out of domain
+    comp_sets = {}
+    for domain in ("in", "out"):
+        prompts, refs, truths = composition_set(root, records, rng, samples, domain)
+        images = _batched(pipe, prompts, refs, seed)
+        pred = judge.predict(images)
+        comp_sets[domain] = (prompts, refs, images)
+        figures[f"composition_{domain}_domain"] = {
+            "pictures": len(images), "all_four": rate(pred, truths, CHARACTER + OUTFIT),
+            **per_attribute(pred, truths, CHARACTER + OUTFIT)}
+        grid([[x.image for x in rr] + [im] for rr, im in zip(refs[:8], images[:8])],
+             report_dir / f"composition-{domain}.png")
+        logger.info("composition %s: %s", domain, figures[f"composition_{domain}_domain"])
+
+    # settings a and b, same budget: CLIP-I, CLIP-T, DF-L2 and SWD on the in-domain composition set
+    from pipelines.concepts import ConceptExtractor
+
+    clip = ClipScorer.from_pretrained(out / "clip")
+    extractor = ConceptExtractor.from_pretrained(out / "detector")
+    settings: dict[str, Any] = {}
+    prompts, refs, images_b = comp_sets["in"]
+    runs = {"b": (pipe, images_b)}
+    a_dir = work / "runs" / "retrinet-a"
+    if (a_dir / "retrinet").is_dir():
+        pipe_a = RetriNetPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                  unet=UNet2DConditionModel.from_pretrained(a_dir / "unet"),
+                                  retrinet=RetriNetModel.from_pretrained(a_dir / "retrinet"), scheduler=pipe.scheduler)
+        pipe_a.set_progress_bar_config(disable=True)
+        runs["a"] = (pipe_a, _batched(pipe_a, prompts, refs, seed))
+    for name, (_, images) in runs.items():
+        clip_i = clip.clip_i(images, [[x.image for x in rr] for rr in refs])
+        clip_t = clip.clip_t(images, prompts)
+        df = face_distance(images, [rr[0].image for rr in refs], extractor, clip.image_embeds)
+        rows = [{"clip_i": float(i), "clip_t": float(t), "df_l2": float(d), "vqa": None}
+                for i, t, d in zip(clip_i, clip_t, df)]
+        settings[name] = {k: v for k, v in summarise(rows).items() if v is not None}
+    figures["settings"] = settings
+    logger.info("settings: %s", settings)
+
+    # Semantica: one-shot few-shot metrics against a model that copies its input
+    if (out / "semantica").is_dir():
+        try:
+            from pipelines.semantica import few_shot_report
+        except ImportError:
+            few_shot_report = None
+        if few_shot_report is not None:
+            figures["semantica"] = few_shot_report(out / "semantica", root, split="test", seed=seed,
+                                                   groups=min(24, samples // 4))
+    figures["seconds"] = round(time.perf_counter() - t0, 1)
+    (report_dir / "figures.json").write_text(json.dumps(figures, indent=1))
+    (out / "REPORT.md").write_text(render(figures))
+    return figures
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def render(f: dict[str, Any]) -> str:
+    j = f["judge"]
+    lines = ["# Demo family: report", "",
+             "Written by `python -m training.demo_zoo --out assets/demo-zoo --report` from the held-out test split "
+             "of the build's Toybooru (`training/demo_report.py` says exactly how). "
+             f"{STEPS} DPM-Solver++ steps, guidance {GUIDANCE}, {SIZE} px.", "",
+             f"## The judge on real pictures ({j['pictures']} test pictures)", "",
+             "| " + " | ".join(j["accuracy"]) + " |", "|" + "---|" * len(j["accuracy"]),
+             "| " + " | ".join(_pct(v) for v in j["accuracy"].values()) + " |", ""]
+    b = f["base"]
+    lines += ["## Base text-to-image model (full tag prompts)", "",
+              f"Hair colour and outfit colour both right: **{_pct(b['hair_and_outfit_colour'])}** of {b['pictures']} "
+              f"(goal 80 %); hair colour {_pct(b['hair_color'])}, outfit colour {_pct(b['cloth_color'])}, "
+              f"hair style {_pct(b['hair_style'])}, pattern {_pct(b['pattern'])}.", "",
+              "![base](report/base.png)", ""]
+    r = f["reconstruction"]
+    lines += ["## RetriNet: reconstruction (4 figure references of one character in one outfit)", "",
+              f"Character (hair and eye colour) and outfit (colour and pattern) all right: "
+              f"**{_pct(r['character_and_outfit'])}** of {r['pictures']} (goal 85 %).", "",
+              "| " + " | ".join(CHARACTER + OUTFIT) + " |", "|" + "---|" * 4,
+              "| " + " | ".join(_pct(r[k]) for k in CHARACTER + OUTFIT) + " |", "",
+              "![reconstruction](report/reconstruction.png)", ""]
+    lines += ["## RetriNet: composition (2 face references of A, 2 clothes references of B)", "",
+              "| characters | pictures | all four right | " + " | ".join(CHARACTER + OUTFIT) + " |",
+              "|---|---|---|" + "---|" * 4]
+    for d, label in (("in", "in domain"), ("out", "out of domain")):
+        c = f[f"composition_{d}_domain"]
+        lines.append(f"| {label} | {c['pictures']} | **{_pct(c['all_four'])}** | "
+                     + " | ".join(_pct(c[k]) for k in CHARACTER + OUTFIT) + " |")
+    lines += ["", "Goal: 75 % in domain. Columns of the grids: 2 face references, 2 clothes references, the result.",
+              "", "![in domain](report/composition-in.png) ![out of domain](report/composition-out.png)", ""]
+    s = f["settings"]
+    if s:
+        keys = [k for k in next(iter(s.values())) if k != "pictures"]
+        lines += ["## Settings -a and -b with the same budget (in-domain composition set)", "",
+                  "| setting | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, v in s.items():
+            lines.append(f"| -{name} | " + " | ".join(f"{v[k]:.4f}" if k in v else "-" for k in keys) + " |")
+        lines += ["", "CLIP-I, CLIP-T and the face embeddings come from the demo CLIP; DF-L2 counts only pictures "
+                  "where the detector finds a head in both.", ""]
+    if "semantica" in f:
+        lines += ["## Semantica: one-shot FID, precision and recall", "", "```", json.dumps(f["semantica"], indent=1),
+                  "```", ""]
+    lines += [f"Report written in {f['seconds']:.0f} s.", ""]
+    return "\n".join(lines)

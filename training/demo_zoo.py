@@ -1,0 +1,290 @@
+"""Build the demo family: every model trained on Toybooru by this project's own scripts.
+
+    python -m training.demo_zoo --out assets/demo-zoo [--work .cache/demo-zoo] [--jobs 2]
+    python -m training.demo_zoo --out assets/demo-zoo --report
+
+Stages (each a subprocess running one of the project's command lines, resumable through its
+checkpoints, and skipped when its output is already complete):
+
+    data       Toybooru at 64 px                      python -m training.data.toybooru
+    vae        AutoencoderKL, 64 px -> 16x16x4        training.train_vae
+    clip       CLIPModel + word-level tokenizer       training.train_clip
+    base       text-to-image UNet (the demo's "SD")   training.train_text_to_image
+    retrinet   RetriNet, multitask, setting b         training.train_retrinet
+    retrinet-a the same budget in setting a           training.train_retrinet (for the report)
+    semantica  Semantica on the CLIP vision tower     training.train_semantica
+    judge      attribute classifier for the report    training.train_judge
+    detector   YOLO11n-seg concept detector           training.train_detector (on 128 px pictures)
+
+Independent stages run side by side (``--jobs``, each with its share of the CPU threads).
+Work files (data, checkpoints, logs) live in ``--work``; ``--out`` receives only what ships:
+``clip/``, ``retrinet/`` (a ``RetriNetPipeline`` folder), ``semantica/``, ``judge/``,
+``detector/`` and ``manifest.json`` (data seed, command lines, steps, final losses, durations,
+checksums). ``--report`` writes ``REPORT.md`` (see ``training.demo_report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.core import read_metrics
+
+logger = logging.getLogger("demo_zoo")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Stage:
+    """One step of the build: a command line, what it needs, and how to tell it is done."""
+
+    name: str
+    module: str
+    args: list[str]
+    done: Callable[[], bool]
+    needs: tuple[str, ...] = ()
+    run_dir: Path | None = None  # where metrics.jsonl is
+    threads: int | None = None  # None: the share --jobs gives
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def command(self) -> list[str]:
+        return ["python", "-m", self.module, *self.args]
+
+
+def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
+    """The stages, with the settings the shipped demo family was built with."""
+    data, data_det, runs = work / "toybooru", work / "toybooru-det", work / "runs"
+
+    def ran(name: str, product: str) -> Callable[[], bool]:
+        return lambda: (runs / name / product).is_dir()
+
+    def common(name: str, steps: int, batch: int, lr: float, every: int = 50) -> list[str]:
+        return ["--output-dir", str(runs / name), "--max-train-steps", str(steps), "--train-batch-size", str(batch),
+                "--learning-rate", str(lr), "--checkpointing-steps", str(every), "--logging-steps", "10",
+                "--seed", str(seed), "--resume-from-checkpoint", "latest"]
+
+    base = runs / "base" / "pipeline"
+    retrinet = ["--pretrained", str(base), "--data", str(data), "--task", "multitask", "--num-references", "4",
+                "--resolution", "64", "--retrieval-attention-heads", "4", "--gradient-accumulation-steps", "1",
+                "--restart-steps", "300", "--lr-warmup-steps", "20"]
+    stages = [
+        Stage("data", "training.data.toybooru",
+              ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64"],
+              lambda: (data / "annotations.jsonl").is_file()),
+        Stage("vae", "training.train_vae", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
+                                            *common("vae", 400, 32, 1e-3)],
+              ran("vae", "vae"), ("data",), runs / "vae"),
+        Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
+                                              *common("clip", 400, 128, 5e-4)],
+              ran("clip", "clip"), ("data",), runs / "clip"),
+        Stage("base", "training.train_text_to_image",
+              ["--vae", str(runs / "vae" / "vae"), "--text-encoder", str(runs / "clip" / "clip"), "--data", str(data),
+               "--resolution", "64", "--lr-warmup-steps", "20", *common("base", 600, 64, 5e-4)],
+              ran("base", "pipeline"), ("vae", "clip"), runs / "base"),
+        Stage("retrinet", "training.train_retrinet", [*retrinet, "--setting", "b", *common("retrinet", 300, 16, 3e-4)],
+              ran("retrinet", "retrinet"), ("base",), runs / "retrinet"),
+        Stage("retrinet-a", "training.train_retrinet",
+              [*retrinet, "--setting", "a", *common("retrinet-a", 300, 16, 3e-4)],
+              ran("retrinet-a", "retrinet"), ("base",), runs / "retrinet-a"),
+        Stage("semantica", "training.train_semantica",
+              ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(data),
+               "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
+              ran("semantica", "semantica"), ("base",), runs / "semantica"),
+        Stage("judge", "training.train_judge", ["--data", str(data), *common("judge", 300, 64, 2e-3, every=100)],
+              ran("judge", "judge"), ("data",), runs / "judge"),
+        Stage("data-det", "training.data.toybooru",
+              ["--out", str(data_det), "--num-images", "2400", "--seed", str(seed), "--size", "128"],
+              lambda: (data_det / "annotations.jsonl").is_file() or (out / "detector" / "model.safetensors").is_file()),
+        Stage("detector", "training.train_detector",
+              ["--data", str(data_det), "--out", str(runs / "detector"), "--epochs", "30", "--imgsz", "160"],
+              lambda: (out / "detector" / "model.safetensors").is_file() or (runs / "detector" / "export").is_dir(),
+              ("data-det",)),
+    ]
+    return {s.name: s for s in stages}
+
+
+def summarize(stage: Stage) -> dict[str, Any]:
+    """Steps, final loss and training seconds from a stage's ``metrics.jsonl``."""
+    if stage.run_dir is None or not (stage.run_dir / "metrics.jsonl").is_file():
+        return {}
+    metrics = read_metrics(stage.run_dir / "metrics.jsonl")
+    if not metrics:
+        return {}
+    tail = metrics[-5:]
+    return {"steps": metrics[-1]["step"], "final_loss": round(sum(m["loss"] for m in tail) / len(tail), 5),
+            "train_seconds": round(sum(m["seconds"] for m in metrics), 1)}
+
+
+def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] | None = None) -> dict[str, Any]:
+    """Run what is not done yet, ``jobs`` at a time, in dependency order; return each stage's record."""
+    records_path = work / "stages.json"
+    records: dict[str, Any] = json.loads(records_path.read_text()) if records_path.is_file() else {}
+    wanted = set(stages) if only is None else set(only)
+    pending = [s for s in stages.values() if s.name in wanted]
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    finished = {s.name for s in stages.values() if s.name not in wanted and s.done()}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        tmp = records_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, records_path)
+
+    while pending or running:
+        for stage in list(pending):
+            if stage.done():
+                logger.info("%s: already complete, skipped", stage.name)
+                records.setdefault(stage.name, {"command": stage.command})
+                records[stage.name].update(summarize(stage))
+                pending.remove(stage)
+                finished.add(stage.name)
+                continue
+            if len(running) < jobs and all(n in finished for n in stage.needs):
+                env = dict(os.environ, OMP_NUM_THREADS=str(stage.threads or threads),
+                           MKL_NUM_THREADS=str(stage.threads or threads),
+                           PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+                log = open(work / "logs" / f"{stage.name}.log", "a")
+                logger.info("%s: %s", stage.name, " ".join(stage.command))
+                proc = subprocess.Popen([sys.executable, "-m", stage.module, *stage.args], cwd=ROOT, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+                running[stage.name] = (proc, time.perf_counter(), log)
+                pending.remove(stage)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode != 0:
+                for other, _, other_log in running.values():
+                    other.terminate()
+                raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {work / 'logs' / name}.log")
+            stage = stages[name]
+            rec = records.get(name, {})
+            rec.update({"command": stage.command, "seconds": round(rec.get("seconds", 0) + time.perf_counter() - t0, 1),
+                        **summarize(stage)})
+            records[name] = rec
+            save()
+            finished.add(name)
+            logger.info("%s: done in %.0f s", name, time.perf_counter() - t0)
+        if running:
+            time.sleep(2)
+        elif pending and not any(all(n in finished for n in s.needs) for s in pending):
+            raise RuntimeError(f"stages {[s.name for s in pending]} wait for stages that were not run")
+    save()
+    return records
+
+
+# ---------------------------------------------------------------------- the shipped folder
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace_dir(src: Path, dst: Path, ignore=None) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=ignore)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def package(work: Path, out: Path) -> None:
+    """Assemble ``out`` from the runs: each public class loads its folder directly."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from pipelines.retrinet import RetriNetModel, RetriNetPipeline
+
+    runs = work / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    _replace_dir(runs / "clip" / "clip", out / "clip")
+    _replace_dir(runs / "judge" / "judge", out / "judge")
+    shutil.copy(runs / "judge" / "accuracy.json", out / "judge" / "accuracy.json")
+    base = StableDiffusionPipeline.from_pretrained(runs / "base" / "pipeline")
+    unet = UNet2DConditionModel.from_pretrained(runs / "retrinet" / "unet") \
+        if (runs / "retrinet" / "unet").is_dir() else base.unet
+    pipe = RetriNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+                            retrinet=RetriNetModel.from_pretrained(runs / "retrinet" / "retrinet"),
+                            scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config))
+    tmp = out / "retrinet.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(out / "retrinet", ignore_errors=True)
+    os.replace(tmp, out / "retrinet")
+    if (runs / "semantica" / "semantica").is_dir():
+        _replace_dir(runs / "semantica" / "semantica", out / "semantica")
+    if (runs / "detector" / "export").is_dir():
+        _replace_dir(runs / "detector" / "export", out / "detector")
+
+
+def write_manifest(out: Path, records: dict[str, Any], seed: int) -> dict[str, Any]:
+    files = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(out.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "REPORT.md")
+             and "report" not in p.relative_to(out).parts}
+    manifest = {"data_seed": seed, "stages": records, "files": files,
+                "total_bytes": sum(f["bytes"] for f in files.values())}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.demo_zoo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "assets" / "demo-zoo"), help="the shipped folder")
+    p.add_argument("--work", default=str(ROOT / ".cache" / "demo-zoo"), help="data, checkpoints and logs")
+    p.add_argument("--seed", type=int, default=0, help="Toybooru's seed and every training seed")
+    p.add_argument("--jobs", type=int, default=2, help="stages run side by side")
+    p.add_argument("--stages", default=None, help="comma-separated stages to run (default: all)")
+    p.add_argument("--report", action="store_true", help="write REPORT.md from the shipped models")
+    p.add_argument("--report-samples", type=int, default=96, help="pictures per report figure")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    out, work = Path(args.out).resolve(), Path(args.work).resolve()
+    stages = plan(work, out, args.seed)
+    if args.report:
+        from training.demo_report import write_report
+
+        return write_report(out, work, samples=args.report_samples, seed=args.seed)
+    only = None
+    if args.stages:
+        only = {s.strip() for s in args.stages.split(",") if s.strip()}
+        unknown = only - set(stages)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(stages)}")
+    work.mkdir(parents=True, exist_ok=True)
+    records = run_stages(stages, work, args.jobs, only)
+    if only is None or "package" in (args.stages or ""):
+        package(work, out)
+        return write_manifest(out, records, args.seed)
+    return records
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, RuntimeError) as e:
+        logger.error("%s", e)
+        sys.exit(f"error: {e}")
