@@ -125,6 +125,16 @@ def resolve_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path 
     return path
 
 
+def _comparable(obj: Any) -> Any:
+    """``obj`` without the keys that start with "_" (diffusers' ``_use_default_values`` and the like,
+    whose order is not stable between runs), at every depth."""
+    if isinstance(obj, dict):
+        return {k: _comparable(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, list):
+        return [_comparable(v) for v in obj]
+    return obj
+
+
 def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
@@ -251,8 +261,8 @@ class Trainer:
             self.metrics.truncate_after(0)  # a fresh start: lines of an earlier, lost run go
             return 0
         saved = read_state(checkpoint)
-        mismatched = {k: (saved.signature.get(k), v) for k, v in self.state.signature.items()
-                      if saved.signature.get(k) != v}
+        mine, theirs = _comparable(self.state.signature), _comparable(saved.signature)
+        mismatched = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if mismatched:
             details = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"checkpoint {checkpoint} does not fit this run ({details})")

@@ -84,14 +84,14 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64"],
               lambda: (data / "annotations.jsonl").is_file()),
         Stage("vae", "training.train_vae", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
-                                            *common("vae", 400, 32, 1e-3)],
+                                            *common("vae", 1000, 32, 1e-3)],
               ran("vae", "vae"), ("data",), runs / "vae"),
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 400, 128, 5e-4)],
               ran("clip", "clip"), ("data",), runs / "clip"),
         Stage("base", "training.train_text_to_image",
               ["--vae", str(runs / "vae" / "vae"), "--text-encoder", str(runs / "clip" / "clip"), "--data", str(data),
-               "--resolution", "64", "--lr-warmup-steps", "20", *common("base", 600, 64, 5e-4)],
+               "--resolution", "64", "--lr-warmup-steps", "20", *common("base", 1200, 64, 5e-4)],
               ran("base", "pipeline"), ("vae", "clip"), runs / "base"),
         Stage("retrinet", "training.train_retrinet", [*retrinet, "--setting", "b", *common("retrinet", 300, 16, 3e-4)],
               ran("retrinet", "retrinet"), ("base",), runs / "retrinet"),
@@ -135,7 +135,7 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
     pending = [s for s in stages.values() if s.name in wanted]
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     finished = {s.name for s in stages.values() if s.name not in wanted and s.done()}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    cpus = os.cpu_count() or 1
     (work / "logs").mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -153,6 +153,9 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                 finished.add(stage.name)
                 continue
             if len(running) < jobs and all(n in finished for n in stage.needs):
+                ready = sum(all(n in finished for n in s.needs) for s in pending)
+                # the CPU threads are shared by what runs now and what could start with it
+                threads = max(1, cpus // max(1, min(jobs, len(running) + ready)))
                 env = dict(os.environ, OMP_NUM_THREADS=str(stage.threads or threads),
                            MKL_NUM_THREADS=str(stage.threads or threads),
                            PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))

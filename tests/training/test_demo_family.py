@@ -194,3 +194,60 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
         run_stages({"bad": stage("bad")}, work, jobs=1)
     with pytest.raises(RuntimeError, match="wait for stages"):
         run_stages({"x": stage("x", ("missing",))}, work, jobs=1)
+
+
+def test_resume_ignores_unstable_private_config_keys():
+    from training.core import _comparable
+
+    a = {"unet": {"layers": 2, "_use_default_values": ["x", "y"], "blocks": [{"_n": 1, "c": 3}]}, "lock": "none"}
+    b = {"unet": {"layers": 2, "_use_default_values": ["y", "x"], "blocks": [{"_n": 2, "c": 3}]}, "lock": "none"}
+    assert _comparable(a) == _comparable(b) == {"unet": {"layers": 2, "blocks": [{"c": 3}]}, "lock": "none"}
+    assert _comparable(a) != _comparable({**b, "lock": "decoder"})
+
+
+@pytest.mark.slow
+def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeypatch):
+    """The build's last steps on 2-step models: the shipped folder loads, and the report is written."""
+    import os
+    import shutil
+
+    from training import demo_report, train_judge, train_retrinet, train_semantica
+    from training.demo_zoo import package, write_manifest
+
+    work = family["root"]
+    runs = work / "runs"
+    runs.mkdir(exist_ok=True)
+    for name in ("vae", "clip", "base"):
+        if not (runs / name).exists():
+            os.symlink(work / name, runs / name)
+    if not (work / "toybooru").exists():
+        os.symlink(toybooru, work / "toybooru")
+    base = runs / "base" / "pipeline"
+    for setting, name in (("b", "retrinet"), ("a", "retrinet-a")):
+        train_retrinet.main(train_retrinet.parse_args(
+            ["--pretrained", str(base), "--data", str(toybooru), "--output-dir", str(runs / name), "--resolution", "32",
+             "--num-references", "2", "--train-batch-size", "2", "--gradient-accumulation-steps", "1",
+             "--max-train-steps", "1", "--setting", setting, "--retrieval-attention-heads", "4"]))
+    train_semantica.main(train_semantica.parse_args(
+        ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(toybooru),
+         "--output-dir", str(runs / "semantica"), "--resolution", "32", "--train-batch-size", "2",
+         "--max-train-steps", "1", "--min-similarity", "-1", "--max-similarity", "1"]))
+    train_judge.main(train_judge.parse_args(["--data", str(toybooru), "--width", "8", *shared(runs / "judge", 1, 8)]))
+    out = tmp_path / "zoo"
+    out.mkdir()
+    shutil.copytree(Path(__file__).resolve().parents[2] / "assets" / "demo-zoo" / "detector", out / "detector")
+    package(work, out)
+    assert {p.name for p in out.iterdir()} >= {"clip", "retrinet", "semantica", "judge", "detector"}
+    manifest = write_manifest(out, {"vae": {"command": ["python", "-m", "training.train_vae"]}}, seed=0)
+    assert manifest["files"]["retrinet/model_index.json"]["bytes"] > 0 and manifest["total_bytes"] > 0
+
+    monkeypatch.setattr(demo_report, "SIZE", 32)  # the tiny family draws 32 px pictures
+    figures = demo_report.write_report(out, work, samples=4, seed=0)
+    for key in ("base", "reconstruction", "composition_in_domain", "composition_out_domain"):
+        assert 0 <= min(v for k, v in figures[key].items() if k != "pictures") <= 1, key
+        assert figures[key]["pictures"] > 0
+    assert set(figures["settings"]) == {"a", "b"} and "SWD(CLIP-I, CLIP-T)" in figures["settings"]["b"]
+    assert "semantica" in figures
+    report = (out / "REPORT.md").read_text()
+    assert "## RetriNet: composition" in report and "report/composition-in.png" in report
+    assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
