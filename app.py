@@ -10,12 +10,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="RetriNet Studio")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to serve on (0.0.0.0 to reach it from other machines)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     p.add_argument("--zoo", choices=("demo", "sd15"), default="demo",
                    help="model family: the tiny CPU demo models, or Stable Diffusion 1.5 on a GPU")
     p.add_argument("--config", default=None, help="model family config file (Hub ids or local folders)")
+    p.add_argument("--device", default=None,
+                   help="where the models run, e.g. cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
     p.add_argument("--data", default=None,
                    help="data set folder for the Data tab (default: a small Toybooru made on first start)")
+    p.add_argument("--workspace", default=None,
+                   help="folder for the character library (default: ~/.cache/retrinet-studio)")
     return p.parse_args(argv)
 
 
@@ -24,7 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     from studio.app import build_studio, launch
     from studio.engine import Engine
 
-    engine = Engine(zoo=args.zoo, config=args.config, data=args.data)
+    try:  # reads the config and picks the device; models load when first asked for
+        engine = Engine(zoo=args.zoo, config=args.config, data=args.data, device=args.device,
+                        workspace=args.workspace)
+    except ValueError as e:
+        raise SystemExit(f"app.py: {e}") from e
     engine.ensure_default_dataset()
     launch(build_studio(engine), host=args.host, port=args.port)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio import data_tab
+from studio import compose_tab, data_tab, variations_tab
 from studio.engine import Engine
+from studio.spaces import launch_kwargs
 
 TITLE = "RetriNet Studio"
 THEME = gr.themes.Soft(primary_hue="indigo")
@@ -16,12 +17,15 @@ def build_studio(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nSubject-driven generation from reference pictures: RetriNet concept "
                     f"composition, Semantica variations, scored sweeps and training. "
-                    f"Model family: **{engine.zoo}**.")
+                    f"Model family: **{engine.zoo}** on **{engine.models.device}**.")
         with gr.Tabs():
+            compose_tab.build(engine, demo)
+            variations_tab.build(engine, demo)
             data_tab.build(engine, demo)
     return demo
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    """Queue and serve ``demo``; keyword arguments go to ``gr.Blocks.launch``."""
-    return demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, theme=THEME, **kwargs)
+    """Queue and serve ``demo``; keyword arguments go to ``gr.Blocks.launch`` (after the Space's limits)."""
+    return demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, theme=THEME,
+                                                          **{**launch_kwargs(), **kwargs})

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.train_judge", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a Toybooru folder (records with `truth`)")
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--width", type=int, default=16)
     add_training_arguments(p, learning_rate=2e-3, batch_size=64, max_train_steps=600, checkpointing_steps=100)
     args = p.parse_args(argv)
     check_training_arguments(p, args)

@@ -21,21 +21,23 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
     """``forward(pixels in [-1, 1], (B, 3, R, R)) -> {attribute: logits (B, classes)}``."""
 
     @register_to_config
-    def __init__(self, attributes: dict[str, list[str]], resolution: int = 64, width: int = 32):
+    def __init__(self, attributes: dict[str, list[str]], resolution: int = 64, width: int = 16):
         super().__init__()
         if not attributes or any(len(v) < 2 for v in attributes.values()):
             raise ValueError("every attribute needs at least two classes")
-        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        chans = [3, width, 2 * width, 4 * width]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
-            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, b), nn.SiLU(),
-                       nn.Conv2d(b, b, 3, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
+            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.BatchNorm2d(b), nn.ReLU(),
+                       nn.Conv2d(b, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU()]
         self.features = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({name: nn.Linear(chans[-1], len(classes)) for name, classes in attributes.items()})
+        # mean and max pooling: a small figure's colours must not drown in the background's
+        self.heads = nn.ModuleDict({name: nn.Linear(2 * chans[-1], len(classes))
+                                    for name, classes in attributes.items()})
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.features(pixels)  # (B, C, R/8, R/8)
-        h = h.mean(dim=(2, 3))  # (B, C)
+        h = self.features(pixels)  # (B, C, R/4, R/4)
+        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 2C)
         return {name: head(h) for name, head in self.heads.items()}
 
     def loss(self, pixels: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:

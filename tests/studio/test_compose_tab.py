@@ -1,0 +1,153 @@
+"""The Compose and Variations tabs: their handlers, and /crop, /compose, /vary through gradio_client."""
+
+from __future__ import annotations
+
+import socket
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from studio import compose_tab, variations_tab
+from studio.app import build_studio, launch
+from studio.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, toybooru, tmp_path_factory):
+    return Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture(scope="module")
+def files(toybooru, toybooru_records):
+    high = [r for r in toybooru_records if r["face_bbox"][3] < r["height"] / 2][:3]
+    return [str(toybooru / r["file"]) for r in high]
+
+
+class Progress:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, value, desc=None, **kw):
+        self.calls.append(value)
+
+
+def test_dropped_pictures_become_cards_that_can_be_changed_and_removed(engine, files):
+    items, cleared = compose_tab.add_pictures(engine, files[:2], [])
+    assert cleared is None and [it["concept"] for it in items] == ["face", "clothes"]
+    assert all(it["card"].picture.size == (96, 96) for it in items)
+    items = compose_tab.set_concept(items, items[1]["id"], "whole")
+    assert [it["concept"] for it in items] == ["face", "whole"]
+    assert [it["id"] for it in compose_tab.remove(items, items[0]["id"])] == [items[1]["id"]]
+    with pytest.warns(UserWarning, match="At most 8 references"):
+        full, _ = compose_tab.add_pictures(engine, files[:1] * 10, [])
+    assert len(full) == 8  # the rest are refused with a warning
+
+
+def test_generate_fills_the_gallery_and_reports_the_seed(engine, files):
+    items, _ = compose_tab.add_pictures(engine, files[:2], [])
+    progress = Progress()
+    gallery, downloads, status, seed = compose_tab.generate(engine, items, "a girl", "", 2, 3.0, 1.0, -1, 2, 32, 32,
+                                                            progress=progress)
+    assert len(gallery) == len(downloads) == 2 and progress.calls == [(1, 2), (2, 2)]
+    assert f"seeds {seed} to" in status and f"seed {seed} " in gallery[0][1]
+    with Image.open(downloads[0]) as im:
+        assert im.size == (32, 32) and f'"seed": {seed}' in im.info["parameters"]
+    with pytest.raises(gr.Error, match="no reference given"):
+        compose_tab.generate(engine, [], "a girl", "", 2, 3.0, 1.0, 0, 1, 32, 32, progress=progress)
+    with pytest.raises(gr.Error, match="seed"):
+        compose_tab.generate(engine, items, "a girl", "", 2, 3.0, 1.0, 2**33, 1, 32, 32, progress=progress)
+
+
+def test_the_library_saves_and_loads_through_the_tab(engine, files):
+    items, _ = compose_tab.add_pictures(engine, files[:2], [])
+    dropdown = compose_tab.save_character(engine, "My hero", compose_tab.set_concept(items, items[0]["id"], "figure"))
+    names = [value for _, value in dropdown.choices]
+    assert dropdown.value == "My hero" and {"My hero", "kimara_samasa", "riko_shihato"} <= set(names)
+    loaded = compose_tab.load_character(engine, "My hero")
+    assert [it["concept"] for it in loaded] == ["figure", "clothes"]
+    with pytest.raises(gr.Error, match="name"):
+        compose_tab.save_character(engine, "../x", items)
+    assert len(compose_tab.load_character(engine, "kimara_samasa")) == 3
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_studio_answers_crop_compose_and_vary(engine, files):
+    from gradio_client import Client, handle_file
+
+    demo = build_studio(engine)
+    port = free_port()
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert {"/crop", "/compose", "/vary", "/data_open", "/data_record"} == set(endpoints)
+        assert [p["parameter_name"] for p in endpoints["/compose"]["parameters"]][:8] == [
+            "prompt", "files", "concepts", "steps", "guidance", "retrieval_scale", "seed", "num_images"]
+
+        crops, overlay, concept = client.predict(handle_file(files[0]), api_name="/crop")
+        assert [c["caption"] for c in crops] == ["face", "clothes", "figure", "whole", "mask"] and concept == "face"
+        assert Image.open(overlay).size == (96, 96)
+
+        refs = [handle_file(f) for f in files[:2]]
+        pictures = client.predict("a girl", refs, ["face", "clothes"], 2, 3.0, 1.0, 5, 2, "", 32, 32,
+                                  api_name="/compose")
+        assert len(pictures) == 2 and [Image.open(p["image"]).size for p in pictures] == [(32, 32)] * 2
+        assert pictures[0]["caption"].startswith("seed 5 ") and pictures[1]["caption"].startswith("seed 6 ")
+        again = client.predict(prompt="a girl", files=refs, concepts=["face", "clothes"], steps=2, guidance=3.0,
+                               retrieval_scale=1.0, seed=5, num_images=1, width=32, height=32, api_name="/compose")
+        assert list(Image.open(again[0]["image"]).getdata()) == \
+            list(Image.open(pictures[0]["image"]).getdata())
+        with pytest.raises(Exception, match="unknown concept 'hat'"):
+            client.predict("a girl", refs[:1], ["hat"], 2, 3.0, 1.0, 5, 1, api_name="/compose")
+
+        variations = client.predict(handle_file(files[0]), 2, 0.5, 2, 3, api_name="/vary")
+        assert [Image.open(v["image"]).size for v in variations] == [(32, 32)] * 2
+        assert variations[1]["caption"].startswith("seed 4 ")
+    finally:
+        demo.close()
+
+
+def test_variations_handler_turns_errors_into_gr_error(engine, files):
+    with pytest.raises(gr.Error, match="guidance"):
+        variations_tab.vary(engine, files[0], 1, -1.0, 2, 0, progress=Progress())
+
+
+def test_space_settings_live_in_one_place(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    from studio import spaces
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert spaces.launch_kwargs() == {}
+
+    def f():
+        return 1
+
+    assert spaces.gpu(f) is f  # no `spaces` package here: nothing changes
+    monkeypatch.setenv("SPACE_ID", "someone/retrinet-studio")
+    assert spaces.launch_kwargs() == {"max_file_size": spaces.SPACE_MAX_FILE_SIZE}
+    fake = types.ModuleType("spaces")
+    fake.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
+    fake.GPU = lambda duration: (lambda fn: ("on the GPU", duration, fn))
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    assert spaces.gpu(f) == ("on the GPU", spaces.GPU_DURATION, f)
+
+
+def test_app_options_reach_the_engine(monkeypatch, tmp_path, capsys):
+    import app
+
+    args = app.parse_args(["--device", "cpu", "--workspace", str(tmp_path), "--zoo", "demo"])
+    assert (args.device, args.workspace, args.zoo, args.port) == ("cpu", str(tmp_path), "demo", 7860)
+    with pytest.raises(SystemExit, match="needs a config file"):
+        app.main(["--zoo", "sd15"])
+    engine = Engine(device="cpu", workspace=tmp_path)
+    assert engine.models.device == "cpu" and engine.library() == tmp_path / "characters"
+    assert engine.models.loaded() == []  # nothing loads before it is needed
