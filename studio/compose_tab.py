@@ -162,7 +162,7 @@ def build(engine: Engine, demo: gr.Blocks) -> None:
         with gr.Row():
             with gr.Column(scale=6):
                 upload = gr.File(label=f"Drop reference pictures (up to {MAX_REFERENCES})", file_count="multiple",
-                                 file_types=["image"], height=120)
+                                 file_types=["image"], height=120, elem_id="compose-upload")
                 with gr.Row(equal_height=True):
                     library = gr.Dropdown(label="Character library", choices=[], scale=4)
                     load_btn = gr.Button("Load", scale=0, min_width=90)
@@ -177,15 +177,18 @@ def build(engine: Engine, demo: gr.Blocks) -> None:
                         gr.Markdown("*No reference yet: drop pictures above or load a character.*")
                     for i, it in enumerate(current):
                         card, item_id = it["card"], it["id"]
-                        with gr.Row(variant="panel", equal_height=True, key=f"card-{item_id}"):
+                        with gr.Row(variant="panel", equal_height=True, key=f"card-{item_id}",
+                                    elem_classes="reference-card"):
                             gr.Image(card.overlay, label=f"Reference {i + 1}", height=200, scale=2,
-                                     interactive=False, key=f"overlay-{item_id}")
+                                     interactive=False, key=f"overlay-{item_id}", elem_classes="reference-overlay")
                             gr.Gallery([(im, LABELS[c]) for c, im in card.crops.items()] + [(card.mask, "mask")],
                                        label="Concepts and figure mask", columns=3, height=200, scale=3,
-                                       object_fit="contain", key=f"crops-{item_id}")
+                                       object_fit="contain", key=f"crops-{item_id}",
+                                       elem_classes="reference-crops")
                             with gr.Column(min_width=170, scale=0):
                                 concept = gr.Dropdown([(LABELS[c], c) for c in CHOICES if c in card.crops],
-                                                      value=it["concept"], label="Take", key=f"concept-{item_id}")
+                                                      value=it["concept"], label="Take", key=f"concept-{item_id}", interactive=True,
+                                                      elem_classes="reference-concept")
                                 gr.Markdown(f"<small>{card.rule}</small>")
                                 drop = gr.Button("Remove", size="sm", variant="stop", key=f"remove-{item_id}")
                         concept.input(lambda c, its, k=item_id: set_concept(its, k, c), [concept, items], items,
@@ -193,24 +196,29 @@ def build(engine: Engine, demo: gr.Blocks) -> None:
                         drop.click(lambda its, k=item_id: remove(its, k), items, items, api_visibility="private")
 
             with gr.Column(scale=5):
-                prompt = gr.Textbox(label="Prompt", placeholder="1girl, smiling, on a beach", lines=2)
+                prompt = gr.Textbox(label="Prompt", placeholder="1girl, smiling, on a beach", lines=2,
+                                    elem_id="compose-prompt")
                 negative = gr.Textbox("", label="Negative prompt", lines=1)
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
-                    num_images = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Pictures")
+                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="compose-steps")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Pictures",
+                                           elem_id="compose-num-images")
                 with gr.Row():
                     guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance (prompt)")
                     retrieval = gr.Slider(0, 3, value=1.0, step=0.05, label="Retrieval scale (references)")
                 with gr.Row(equal_height=True):
-                    seed = gr.Number(value=RANDOMISE, precision=0, label="Seed (-1: a new one each time)", scale=3)
+                    seed = gr.Number(value=RANDOMISE, precision=0, label="Seed (-1: a new one each time)", scale=3,
+                                     elem_id="compose-seed")
                     dice = gr.Button("Randomise", scale=0, min_width=110)
                     reuse = gr.Button("Reuse last", scale=0, min_width=110)
                 with gr.Row():
-                    width = gr.Number(value=0, precision=0, label="Width (0: the model's own)")
-                    height = gr.Number(value=0, precision=0, label="Height (0: the model's own)")
-                generate_btn = gr.Button("Generate", variant="primary")
-                status = gr.Markdown()
-                gallery = gr.Gallery(label="Pictures", columns=2, height=420, object_fit="contain", format="png")
+                    width = gr.Number(value=0, precision=0, label="Width (0: the model's own)", elem_id="compose-width")
+                    height = gr.Number(value=0, precision=0, label="Height (0: the model's own)",
+                                       elem_id="compose-height")
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="compose-generate")
+                status = gr.Markdown(elem_id="compose-status")
+                gallery = gr.Gallery(label="Pictures", columns=2, height=420, object_fit="contain", format="png",
+                                     elem_id="compose-gallery")
                 downloads = gr.File(label="Download (PNG with parameters)", file_count="multiple")
 
         # client endpoints, with no widget of their own: /crop and /compose

@@ -31,17 +31,20 @@ def build(engine: Engine, demo: gr.Blocks) -> None:
                     "w >= 0; 0 uses the conditional prediction alone, larger *w* stays closer to the picture.")
         with gr.Row():
             with gr.Column(scale=4):
-                picture = gr.Image(type="filepath", label="Picture", height=300)
+                picture = gr.Image(type="filepath", label="Picture", height=300, elem_id="variations-picture")
                 with gr.Row():
-                    num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Pictures")
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Pictures",
+                                           elem_id="variations-num-images")
+                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="variations-steps")
                 guidance = gr.Slider(0, 10, value=0.5, step=0.1, label="Guidance w")
                 with gr.Row(equal_height=True):
-                    seed = gr.Number(value=RANDOMISE, precision=0, label="Seed (-1: a new one each time)", scale=3)
+                    seed = gr.Number(value=RANDOMISE, precision=0, label="Seed (-1: a new one each time)", scale=3,
+                                     elem_id="variations-seed")
                     dice = gr.Button("Randomise", scale=0, min_width=110)
-                run = gr.Button("Make variations", variant="primary")
+                run = gr.Button("Make variations", variant="primary", elem_id="variations-run")
             with gr.Column(scale=6):
-                gallery = gr.Gallery(label="Variations", columns=3, height=520, object_fit="contain", format="png")
+                gallery = gr.Gallery(label="Variations", columns=3, height=520, object_fit="contain", format="png",
+                                     elem_id="variations-gallery")
 
         dice.click(lambda: RANDOMISE, None, seed, api_visibility="private")
         run.click(partial(vary, engine), [picture, num_images, guidance, steps, seed], gallery, api_name="vary",

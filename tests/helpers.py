@@ -20,3 +20,12 @@ def kill_when(proc, path: Path, timeout: float = 300) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

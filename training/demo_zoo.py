@@ -78,7 +78,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
     base = runs / "base" / "pipeline"
     retrinet = ["--pretrained", str(base), "--data", str(data), "--task", "multitask", "--num-references", "4",
                 "--resolution", "64", "--retrieval-attention-heads", "4", "--gradient-accumulation-steps", "1",
-                "--restart-steps", "300", "--lr-warmup-steps", "20"]
+                "--restart-steps", "600", "--lr-warmup-steps", "20"]
     stages = [
         Stage("data", "training.data.toybooru",
               ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64"],
@@ -93,10 +93,10 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ["--vae", str(runs / "vae" / "vae"), "--text-encoder", str(runs / "clip" / "clip"), "--data", str(data),
                "--resolution", "64", "--lr-warmup-steps", "20", *common("base", 1200, 64, 5e-4)],
               ran("base", "pipeline"), ("vae", "clip"), runs / "base"),
-        Stage("retrinet", "training.train_retrinet", [*retrinet, "--setting", "b", *common("retrinet", 300, 16, 5e-4)],
+        Stage("retrinet", "training.train_retrinet", [*retrinet, "--setting", "b", *common("retrinet", 600, 16, 5e-4)],
               ran("retrinet", "retrinet"), ("base",), runs / "retrinet"),
         Stage("retrinet-a", "training.train_retrinet",
-              [*retrinet, "--setting", "a", *common("retrinet-a", 300, 16, 5e-4)],
+              [*retrinet, "--setting", "a", *common("retrinet-a", 600, 16, 5e-4)],
               ran("retrinet-a", "retrinet"), ("base",), runs / "retrinet-a"),
         Stage("semantica", "training.train_semantica",
               ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(data),
@@ -147,8 +147,9 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
         for stage in list(pending):
             if stage.done():
                 logger.info("%s: already complete, skipped", stage.name)
-                records.setdefault(stage.name, {"command": stage.command})
-                records[stage.name].update(summarize(stage))
+                kept = records.get(stage.name, {})  # what an earlier run of the same command measured
+                records[stage.name] = {**(kept if kept.get("command") == stage.command else {}),
+                                       "command": stage.command, **summarize(stage)}
                 pending.remove(stage)
                 finished.add(stage.name)
                 continue

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import gradio as gr
 import pytest
+from helpers import free_port
 from PIL import Image
 
 from studio import compose_tab, variations_tab
@@ -70,11 +69,6 @@ def test_the_library_saves_and_loads_through_the_tab(engine, files):
         compose_tab.save_character(engine, "../x", items)
     assert len(compose_tab.load_character(engine, "kimara_samasa")) == 3
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_served_studio_answers_crop_compose_and_vary(engine, files):

@@ -1,9 +1,9 @@
-import socket
 import subprocess
 import sys
 
 import gradio as gr
 import pytest
+from helpers import free_port
 
 from studio import data_tab
 from studio.app import build_studio, launch
@@ -86,11 +86,6 @@ def test_engine_does_not_import_gradio():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_served_studio_answers_the_data_endpoints(engine, toybooru):
