@@ -234,7 +234,12 @@ def _pct(x: float) -> str:
 
 def render(f: dict[str, Any]) -> str:
     j = f["judge"]
+    goals = [("base: hair and outfit colour right", f["base"]["hair_and_outfit_colour"], 0.80),
+             ("RetriNet reconstruction: character and outfit right", f["reconstruction"]["character_and_outfit"], 0.85),
+             ("RetriNet composition, in domain: all four right", f["composition_in_domain"]["all_four"], 0.75)]
     lines = ["# Demo family: report", "",
+             "| figure | measured | goal | met |", "|---|---|---|---|",
+             *[f"| {name} | {_pct(v)} | {_pct(g)} | {'yes' if v >= g else '**no**'} |" for name, v, g in goals], "",
              "Written by `python -m training.demo_zoo --out assets/demo-zoo --report` from the held-out test split "
              "of the build's Toybooru (`training/demo_report.py` says exactly how). "
              f"{STEPS} DPM-Solver++ steps, guidance {GUIDANCE}, {SIZE} px.", "",
