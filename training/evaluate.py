@@ -3,7 +3,11 @@
     python -m training.evaluate --pipeline DIR --eval-set FILE --clip CLIP --out DIR
     accelerate launch --num_processes K -m training.evaluate ...      # shards the pictures
 
-Protocol (seed 001, Sec. 3.1; seed 000, Sec. 6.1): for every reference set (a character's
+A ``SemanticaPipeline`` folder is evaluated with seed 004's few-shot protocol instead
+(``--data DIR [--split test --shots 1 --groups N]``): K-shot FID, precision and recall of its
+variations against the test pictures of each group, beside a model that copies its input.
+
+Protocol for RetriNet (seed 001, Sec. 3.1; seed 000, Sec. 6.1): for every reference set (a character's
 references with their concepts) and every prompt, ``seeds`` seeds x ``samples_per_seed`` samples.
 Each picture is scored against its references: CLIP-I, CLIP-T, DF-L2 (faces by the concept
 extractor, embedded by the CLIP image tower) and, with ``--vqa``, the VQA score. Written to
@@ -43,14 +47,60 @@ DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "samples_per_seed": 4, "num_inference_step
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pipeline", required=True, help="a RetriNetPipeline folder")
-    p.add_argument("--eval-set", required=True, help="JSON: prompts, reference sets, seeds (see --help)")
-    p.add_argument("--clip", required=True, help="CLIP model folder or Hub id for CLIP-I, CLIP-T and DF-L2")
+    p.add_argument("--pipeline", required=True, help="a RetriNetPipeline or a SemanticaPipeline folder")
+    p.add_argument("--eval-set", default=None, help="RetriNet: JSON of prompts, reference sets, seeds (see --help)")
+    p.add_argument("--clip", default=None, help="RetriNet: CLIP model folder or Hub id for CLIP-I, CLIP-T, DF-L2")
     p.add_argument("--out", required=True)
     p.add_argument("--detector", default=None, help="detector folder for DF-L2 (default: the demo detector)")
     p.add_argument("--vqa", default=None, help="InstructBLIP / BLIP-2 id for the VQA score (default: not scored)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    g = p.add_argument_group("Semantica (few-shot protocol, seed 004 Sec. 7)")
+    g.add_argument("--data", default=None, help="a RetriBooru-style or group/picture folder with the test pictures")
+    g.add_argument("--split", default="test")
+    g.add_argument("--groups", type=int, default=None, help="at most this many groups (default: all)")
+    g.add_argument("--shots", type=int, default=1, help="conditioning pictures per group (K)")
+    g.add_argument("--guidance-scale", type=float, default=0.5)
+    g.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.kind = pipeline_kind(args.pipeline)
+    if args.kind == "SemanticaPipeline":
+        if not args.data:
+            p.error("a Semantica pipeline is evaluated on --data (its test pictures)")
+    elif not (args.eval_set and args.clip):
+        p.error("a RetriNet pipeline needs --eval-set and --clip")
+    if args.shots < 1:
+        p.error("--shots must be at least 1")
+    return args
+
+
+def pipeline_kind(folder: str) -> str:
+    """The pipeline class a diffusers folder holds (its ``model_index.json``), or "" if unreadable."""
+    try:
+        return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def evaluate_semantica(args: argparse.Namespace) -> dict[str, Any]:
+    """One-shot (K-shot) FID, precision and recall against the test split, beside a model that
+    copies its conditioning picture: ``OUT/few_shot.json`` and ``OUT/summary.md``."""
+    from pipelines.semantica.evaluate import few_shot_report
+    from pipelines.semantica.pipeline import SemanticaPipeline
+
+    pipe = SemanticaPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    report = few_shot_report(pipe, args.data, split=None if args.split == "none" else args.split, seed=args.seed,
+                             groups=args.groups, shots=args.shots, guidance_scale=args.guidance_scale)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "few_shot.json").write_text(json.dumps(report, indent=1))
+    rows = ["| model | FID | precision | recall |", "|---|---|---|---|"]
+    rows += [f"| {name} | {report[name]['fid']:.3f} | {report[name]['precision']:.3f} | {report[name]['recall']:.3f} |"
+             for name in ("semantica", "copy")]
+    (out / "summary.md").write_text(f"{report['shots']}-shot, {report['groups']} groups, {report['num_real']} test "
+                                    f"pictures, guidance {report['guidance_scale']}\n\n" + "\n".join(rows) + "\n")
+    print((out / "summary.md").read_text())
+    return report
 
 
 def load_eval_set(path: str | os.PathLike) -> dict[str, Any]:
@@ -151,7 +201,9 @@ def plot(out: Path, rows: list[dict[str, str]]) -> None:
     plt.close(fig)
 
 
-def main(args: argparse.Namespace) -> dict[str, float | None] | None:
+def main(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.kind == "SemanticaPipeline":
+        return evaluate_semantica(args)
     from pipelines.concepts import ConceptExtractor
     from pipelines.detector import DEMO_DETECTOR
     from pipelines.metrics import ClipScorer, face_distance, vqa_score

@@ -103,3 +103,20 @@ def test_two_processes_share_the_pictures_and_merge(tiny_pipeline, tiny_clip, ev
     assert {r["file"] for r in parts[0]}.isdisjoint({r["file"] for r in parts[1]})
     assert len(rows(out)) == 16 and (out / "summary.md").is_file()
 
+
+
+def test_a_semantica_pipeline_gets_the_few_shot_protocol(toybooru, tiny_pipeline, tmp_path):
+    from pipelines.zoo import DEMO_ZOO
+
+    semantica = DEMO_ZOO / "semantica"
+    with pytest.raises(SystemExit):
+        parse_args(["--pipeline", str(semantica), "--out", str(tmp_path)])  # no --data
+    with pytest.raises(SystemExit):
+        parse_args(["--pipeline", str(tiny_pipeline), "--out", str(tmp_path)])  # RetriNet: no eval set
+    report = main(parse_args(["--pipeline", str(semantica), "--data", str(toybooru), "--out", str(tmp_path),
+                              "--groups", "3", "--device", "cpu"]))
+    assert report["shots"] == 1 and report["groups"] == 3
+    for model in ("semantica", "copy"):
+        assert report[model]["fid"] >= 0 and 0 <= report[model]["precision"] <= 1 and 0 <= report[model]["recall"] <= 1
+    assert json.loads((tmp_path / "few_shot.json").read_text()) == json.loads(json.dumps(report))
+    assert "| copy |" in (tmp_path / "summary.md").read_text()
