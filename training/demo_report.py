@@ -32,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -113,6 +114,29 @@ def composition_set(root: Path, records, rng: random.Random, samples: int, domai
     return prompts, refs, truths
 
 
+@torch.no_grad()
+def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: random.Random,
+                pictures: int = 600) -> dict[str, Any]:
+    """The judge on real test pictures and on their VAE reconstructions: what the autoencoder alone
+    lets any model of the family reach (a generator cannot draw what its VAE cannot decode)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    chosen = rng.sample(test, min(pictures, len(test)))
+    real = torch.stack([torch.from_numpy(np.array(open_record(root, r)[0].resize((SIZE, SIZE))))
+                        .permute(2, 0, 1) for r in chosen]).float().div(127.5).sub(1.0)
+    recon = torch.cat([vae.decode(vae.encode(real[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
+                       for i in range(0, len(real), 64)])
+    truths = [r["truth"] for r in chosen]
+    out: dict[str, Any] = {"pictures": len(chosen), "mse": float(((recon - real) ** 2).mean())}
+    for name, pixels in (("real", real), ("reconstructed", recon)):
+        pred = judge.predict(pixels)
+        out[name] = {"hair_and_outfit_colour": rate(pred, truths, ("hair_color", "cloth_color")),
+                     "character_and_outfit": rate(pred, truths, CHARACTER + OUTFIT),
+                     **per_attribute(pred, truths, CHARACTER + OUTFIT)}
+    return out
+
+
 def retrinet_pipeline(folder: Path):
     from pipelines.retrinet import RetriNetPipeline
 
@@ -138,6 +162,8 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     judge = AttributeClassifier.from_pretrained(out / "judge").eval()
     figures: dict[str, Any] = {"judge": json.loads((out / "judge" / "accuracy.json").read_text())}
     report_dir = out / "report"
+    figures["vae_ceiling"] = vae_ceiling(out / "retrinet" / "vae", judge, root, test, rng)
+    logger.info("judge on VAE reconstructions: %s", figures["vae_ceiling"])
 
     # base model: full tag prompts of test pictures
     base = StableDiffusionPipeline.from_pretrained(work / "runs" / "base" / "pipeline", safety_checker=None)
@@ -246,6 +272,15 @@ def render(f: dict[str, Any]) -> str:
              f"## The judge on real pictures ({j['pictures']} test pictures)", "",
              "| " + " | ".join(j["accuracy"]) + " |", "|" + "---|" * len(j["accuracy"]),
              "| " + " | ".join(_pct(v) for v in j["accuracy"].values()) + " |", ""]
+    if "vae_ceiling" in f:
+        v = f["vae_ceiling"]
+        keys = ["hair_and_outfit_colour", "character_and_outfit", *CHARACTER, *OUTFIT]
+        lines += [f"## What the VAE lets through ({v['pictures']} test pictures, reconstruction MSE {v['mse']:.4f})",
+                  "", "The judge on real pictures and on their VAE reconstructions: no model of the family can "
+                  "score above the second row.", "",
+                  "| pictures | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
+                  *[f"| {name} | " + " | ".join(_pct(v[name][k]) for k in keys) + " |"
+                    for name in ("real", "reconstructed")], ""]
     b = f["base"]
     lines += ["## Base text-to-image model (full tag prompts)", "",
               f"Hair colour and outfit colour both right: **{_pct(b['hair_and_outfit_colour'])}** of {b['pictures']} "

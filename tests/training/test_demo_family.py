@@ -248,6 +248,10 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
         assert figures[key]["pictures"] > 0
     assert set(figures["settings"]) == {"a", "b"} and "SWD(CLIP-I, CLIP-T)" in figures["settings"]["b"]
     assert "semantica" in figures
+    ceiling = figures["vae_ceiling"]
+    assert ceiling["pictures"] > 0 and ceiling["mse"] >= 0
+    assert set(ceiling["real"]) == set(ceiling["reconstructed"]) and 0 <= ceiling["real"]["hair_color"] <= 1
     report = (out / "REPORT.md").read_text()
     assert "## RetriNet: composition" in report and "report/composition-in.png" in report
+    assert "## What the VAE lets through" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
