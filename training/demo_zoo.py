@@ -171,9 +171,16 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                 continue
             log.close()
             del running[name]
-            if proc.returncode != 0:
+            if proc.returncode != 0:  # stop the others too; their checkpoints let a rerun resume them
                 for other, _, other_log in running.values():
                     other.terminate()
+                for other, _, other_log in running.values():
+                    try:
+                        other.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        other.kill()
+                    other_log.close()
+                save()
                 raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {work / 'logs' / name}.log")
             stage = stages[name]
             rec = records.get(name, {})

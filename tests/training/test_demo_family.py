@@ -174,6 +174,7 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
         "import pathlib, sys\n"
         "name, log, out = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])\n"
         "if name == 'bad': sys.exit(3)\n"
+        "if name == 'sleeper': __import__('time').sleep(120)\n"
         "with open(log, 'a') as f: f.write(name + '\\n')\n"
         "out.write_text('x')\n")
     monkeypatch.setenv("PYTHONPATH", str(lib))
@@ -192,6 +193,12 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
     assert log.read_text().split() == ["a", "b", "c"]
     with pytest.raises(RuntimeError, match="stage bad failed"):
         run_stages({"bad": stage("bad")}, work, jobs=1)
+    import time
+
+    t0 = time.perf_counter()  # a failure stops the stages running beside it, and does not wait for them
+    with pytest.raises(RuntimeError, match="stage bad failed"):
+        run_stages({"sleeper": stage("sleeper"), "bad": stage("bad")}, work, jobs=2)
+    assert time.perf_counter() - t0 < 60 and not (made / "sleeper").exists()
     with pytest.raises(RuntimeError, match="wait for stages"):
         run_stages({"x": stage("x", ("missing",))}, work, jobs=1)
 
