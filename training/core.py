@@ -382,6 +382,27 @@ def trainer_config(args) -> TrainerConfig:
         num_workers=args.dataloader_num_workers, max_grad_norm=args.max_grad_norm)
 
 
+def start_run(args) -> Accelerator:
+    """The Accelerator, logging and seeds of a ``train_*`` script run, from its shared arguments."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    return accelerator
+
+
+def prepare_optimisation(accelerator: Accelerator, args, model: torch.nn.Module):
+    """AdamW over ``model``'s parameters with ``warmup_cosine``, all passed through
+    ``accelerator.prepare``; returns (model, optimizer, lr_scheduler). Accelerate steps a prepared
+    scheduler once per process per optimiser step, so the schedule counts in those."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    n = accelerator.num_processes
+    lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
+    return accelerator.prepare(model, optimizer, lr_scheduler)
+
+
 def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0):
     """Linear warm-up, then cosine to 10 % of the learning rate at ``total_steps``."""
 

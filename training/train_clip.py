@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from pipelines.components import DEMO_CLIP_PROJECTION, DEMO_CLIP_TEXT, DEMO_CLIP_VISION, write_word_tokenizer
-from training.core import (Trainer, add_training_arguments, check_training_arguments, make_accelerator,
-                           trainer_config, warmup_cosine)
+from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
+                           trainer_config)
 from training.data.images import TaggedImages, caption_words, collate_images
 
 logger = logging.getLogger("train_clip")
@@ -86,10 +85,7 @@ class ContrastiveLoss(torch.nn.Module):
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
-    accelerator = make_accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                   mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
+    accelerator = start_run(args)
     split = None if args.split == "none" else args.split
     dataset = TaggedImages(args.data, split, args.resolution, tag_dropout=args.tag_dropout, seed=args.seed)
     if args.tokenizer:
@@ -111,10 +107,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
     signature["clip"].pop("transformers_version", None)
     model = ContrastiveLoss(clip, processor)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    n = accelerator.num_processes
-    lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    model, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, model)
     model.train()
 
     def loss_fn(batch):

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 
 from pipelines.metrics.attributes import AttributeClassifier
-from training.core import (Trainer, WithLoss, add_training_arguments, check_training_arguments, make_accelerator,
-                           trainer_config, warmup_cosine)
+from training.core import (Trainer, WithLoss, add_training_arguments, check_training_arguments, prepare_optimisation,
+                           start_run, trainer_config)
 from training.data.images import TaggedImages, collate_images
 
 logger = logging.getLogger("train_judge")
@@ -61,26 +60,20 @@ def accuracy(model: AttributeClassifier, dataset: TaggedImages) -> dict[str, flo
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
-    accelerator = make_accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                   mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
+    accelerator = start_run(args)
     train = TaggedImages(args.data, "train", args.resolution, seed=args.seed)
     classes = labelled(train)
     index = {k: {c: i for i, c in enumerate(v)} for k, v in classes.items()}
     targets = {k: torch.tensor([index[k][str(r["truth"][k])] for r in train.records]) for k in classes}
     model = WithLoss(AttributeClassifier(classes, resolution=args.resolution, width=args.width),
                      AttributeClassifier.loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    n = accelerator.num_processes
-    lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    model, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, model)
 
     def loss_fn(batch):
         labels = {k: v[batch["index"]].to(accelerator.device) for k, v in targets.items()}
         return model(batch["pixel_values"].to(accelerator.device), labels)
 
-    signature = {"attributes": classes, "width": args.width, "num_processes": n,
+    signature = {"attributes": classes, "width": args.width, "num_processes": accelerator.num_processes,
                  "train_batch_size": args.train_batch_size}
     trainer = Trainer(accelerator, trainer_config(args), train, collate_images, [model], optimizer, lr_scheduler,
                       loss_fn, signature)

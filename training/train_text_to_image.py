@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from diffusers.training_utils import compute_snr
@@ -37,8 +36,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.components import DEMO_UNET, SD15_SCHEDULER
 from pipelines.retrinet import embed_texts
-from training.core import (Trainer, add_training_arguments, check_training_arguments, make_accelerator,
-                           trainer_config, warmup_cosine)
+from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
+                           trainer_config)
 from training.data.images import TaggedImages, collate_images
 
 logger = logging.getLogger("train_text_to_image")
@@ -130,10 +129,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, ehs: torch.Tens
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
-    accelerator = make_accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                   mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
+    accelerator = start_run(args)
     split = None if args.split == "none" else args.split
     dataset = TaggedImages(args.data, split, args.resolution, tag_dropout=args.tag_dropout, seed=args.seed)
     vae, text_encoder, tokenizer, unet, noise_scheduler = load_components(args)
@@ -145,10 +141,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     signature = {"unet": json.loads(json.dumps(dict(unet.config), default=list)),
                  "num_processes": accelerator.num_processes, "train_batch_size": args.train_batch_size,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    n = accelerator.num_processes
-    lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, unet)
     unet.train()
     sf = vae.config.scaling_factor
 

@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 
 from pipelines.components import DEMO_VAE
-from training.core import (Trainer, add_training_arguments, check_training_arguments, make_accelerator,
-                           trainer_config, warmup_cosine)
+from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
+                           trainer_config)
 from training.data.images import TaggedImages, collate_images
 
 logger = logging.getLogger("train_vae")
@@ -96,10 +95,7 @@ def latent_scale(vae: AutoencoderKL, dataset: TaggedImages, limit: int = 1024, b
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
-    accelerator = make_accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                   mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
+    accelerator = start_run(args)
     dataset = TaggedImages(args.data, None if args.split == "none" else args.split, args.resolution, seed=args.seed)
     vae = build_vae(args)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -109,10 +105,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                  "train_batch_size": args.train_batch_size, "num_processes": accelerator.num_processes,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
     model = VAELoss(vae, args.kl_weight, args.color_loss_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    n = accelerator.num_processes
-    lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    model, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, model)
     model.train()
 
     def loss_fn(batch):
