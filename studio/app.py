@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio import compose_tab, data_tab, variations_tab
+from studio import compose_tab, data_tab, sweep_tab, variations_tab
 from studio.engine import Engine
 from studio.spaces import launch_kwargs
 
@@ -19,8 +19,9 @@ def build_studio(engine: Engine) -> gr.Blocks:
                     f"composition, Semantica variations, scored sweeps and training. "
                     f"Model family: **{engine.zoo}** on **{engine.models.device}**.")
         with gr.Tabs():
-            compose_tab.build(engine, demo)
-            variations_tab.build(engine, demo)
+            compose = compose_tab.build(engine, demo)
+            variations = variations_tab.build(engine, demo)
+            sweep_tab.build(engine, demo, compose, variations)
             data_tab.build(engine, demo)
     return demo
 

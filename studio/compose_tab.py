@@ -152,7 +152,8 @@ def crop_api(engine: Engine, picture: str | None):
     return crops, card.overlay, card.concept
 
 
-def build(engine: Engine, demo: gr.Blocks) -> None:
+def build(engine: Engine, demo: gr.Blocks) -> dict[str, Any]:
+    """The tab; returns what other tabs read: the references (``items``), ``prompt`` and ``negative``."""
     with gr.Tab("Compose", id="compose"):
         gr.Markdown("Drop pictures of a character. The studio finds the head and the figure in each and cuts the "
                     "concepts *face*, *clothes* and *figure* (RetriBooru's rules); choose what each picture gives, "
@@ -251,3 +252,4 @@ def build(engine: Engine, demo: gr.Blocks) -> None:
             partial(compose_api, engine),
             [prompt, api_files, api_concepts, steps, guidance, retrieval, seed, num_images, negative, width, height],
             gallery, api_name="compose", concurrency_id="generate")
+    return {"items": items, "prompt": prompt, "negative": negative}

@@ -398,7 +398,7 @@ class Engine:
 
     def _model(self, name: str):
         """A model of the family; a model it does not configure says where to get one."""
-        what = {"retrinet": "RetriNet", "semantica": "Semantica", "extractor": "concept detector"}[name]
+        what = {"retrinet": "RetriNet", "semantica": "Semantica", "extractor": "concept detector", "clip": "CLIP"}[name]
         try:
             return getattr(self.models, name)()
         except MissingModel as e:

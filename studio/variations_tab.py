@@ -6,6 +6,7 @@ Client endpoint: ``/vary`` (picture, number of pictures, guidance w, steps, seed
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import gradio as gr
 
@@ -24,7 +25,8 @@ def vary(engine: Engine, picture: str | None, num_images: float, guidance: float
     return _gallery(out)[0]
 
 
-def build(engine: Engine, demo: gr.Blocks) -> None:
+def build(engine: Engine, demo: gr.Blocks) -> dict[str, Any]:
+    """The tab; returns what the Sweep tab reads: the ``picture``."""
     with gr.Tab("Variations", id="variations"):
         gr.Markdown("One picture in, new pictures of the same kind out: Semantica reads the picture through a frozen "
                     "image encoder, with no text. Guidance *w* follows the paper: eps = eps_c + w (eps_c - eps_u), "
@@ -49,3 +51,4 @@ def build(engine: Engine, demo: gr.Blocks) -> None:
         dice.click(lambda: RANDOMISE, None, seed, api_visibility="private")
         run.click(partial(vary, engine), [picture, num_images, guidance, steps, seed], gallery, api_name="vary",
                   concurrency_id="generate")
+    return {"picture": picture}

@@ -1,0 +1,211 @@
+"""The Sweep tab: guidance x retrieval scale grids, generated and scored live (``studio.sweep``).
+
+It reads the Compose tab's references and prompt (RetriNet) or the Variations tab's picture
+(Semantica). The grid, the table, the SWD curve and the CLIP-I / CLIP-T scatter redraw after every
+cell; the best cell by the chosen measure is starred; Stop keeps what is done, and the CSV is
+always the table shown. Client endpoint: ``/sweep`` (a flat signature -> the table).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from studio.engine import CHOICES, MAX_STEPS, Engine
+from studio.sweep import (
+    COLUMNS,
+    DEFAULT_BEST,
+    MAX_SEEDS,
+    METRICS,
+    SWD_PAIRS,
+    Sweep,
+    SweepCell,
+    SweepRequest,
+    export_folder,
+    label,
+    plan,
+    write_csv,
+)
+
+MODEL_CHOICES = [("RetriNet: the Compose tab's references and prompt", "retrinet"),
+                 ("Semantica: the Variations tab's picture", "semantica")]
+MEASURES = [*SWD_PAIRS, *METRICS]
+
+
+def table(sweep: Sweep) -> pd.DataFrame:
+    """The sweep's rows (``COLUMNS``) and a "best" column starring the best cell."""
+    best = sweep.best()
+    rows = [{"best": "★" if best is not None and c.index == best.index else "", **c.row()} for c in sweep.done]
+    df = pd.DataFrame(rows, columns=["best", *COLUMNS])
+    if sweep.request.model == "semantica":
+        df = df.drop(columns=["retrieval scale"])
+    return df.round(4)
+
+
+def curve(sweep: Sweep) -> pd.DataFrame:
+    """The chosen measure against the retrieval scale (RetriNet) or the guidance (Semantica), one line per guidance."""
+    x = "retrieval scale" if sweep.request.model == "retrinet" else "guidance"
+    rows = [{x: c.retrieval_scale if x == "retrieval scale" else c.guidance, sweep.best_by: c.summary[sweep.best_by],
+             "guidance": f"g {c.guidance:g}"} for c in sweep.done if c.summary.get(sweep.best_by) is not None]
+    return pd.DataFrame(rows, columns=[x, sweep.best_by, "guidance"])
+
+
+def scatter(sweep: Sweep) -> pd.DataFrame:
+    """One point per cell: mean CLIP-I against mean CLIP-T (seed 000, Fig. 6's reading)."""
+    rows = [{"CLIP-I": c.summary["CLIP-I"], "CLIP-T": c.summary["CLIP-T"], "cell": label(c)}
+            for c in sweep.done if c.summary.get("CLIP-I") is not None and c.summary.get("CLIP-T") is not None]
+    return pd.DataFrame(rows, columns=["CLIP-I", "CLIP-T", "cell"])
+
+
+def status(sweep: Sweep, stopped: bool = False) -> str:
+    done, total = len(sweep.done), len(sweep.cells)
+    head = "Stopped" if stopped else ("Done" if done == total else "Running")
+    text = f"**{head}: {done} of {total} cells** ({sweep.request.seeds} pictures each, seeds from {sweep.seed})."
+    best = sweep.best()
+    if best is not None:
+        text += f" Best by {sweep.best_by}: **{label(best)}** ({best.summary[sweep.best_by]:.4f})."
+    if sweep.cache.get("hits") or sweep.cache.get("misses"):
+        total_reads = sweep.cache["hits"] + sweep.cache["misses"]
+        text += f" Reference features computed {sweep.cache['misses']} times for {total_reads} reads."
+    text += f" VQA: {sweep.vqa}."
+    return text
+
+
+def _request(model: str, items: list[dict] | None, prompt: str, negative: str, picture: str | None,
+             guidance: str, scales: str, seeds: float, steps: float, seed: float, best_by: str | None) -> SweepRequest:
+    refs = [(it["card"].picture, it["concept"]) for it in items or []]
+    return SweepRequest(model=model, guidance=guidance, retrieval_scales=scales, seeds=seeds, seed=seed, steps=steps,
+                        prompt=prompt or "", negative_prompt=negative or "", references=refs, image=picture,
+                        best_by=best_by or None)
+
+
+def _plan(engine: Engine, req: SweepRequest):
+    try:
+        return plan(engine, req)
+    except ValueError as e:  # MissingModel included
+        raise gr.Error(str(e)) from e
+
+
+def _gallery(sweep: Sweep, folder: Path) -> list[tuple[str, str]]:
+    out = []
+    for c in sweep.done:
+        for k, p in enumerate(c.pictures):
+            path = folder / f"cell{c.index + 1:02d}-{k}.png"
+            if not path.exists():
+                p.save(path)
+            out.append((str(path), f"{label(c)}, seed {p.seed}"))
+    return out
+
+
+def run_sweep(engine: Engine, model: str, items: list[dict] | None, prompt: str, negative: str, picture: str | None,
+              guidance: str, scales: str, seeds: float, steps: float, seed: float, best_by: str | None,
+              progress=gr.Progress()) -> Iterator[tuple[Any, ...]]:  # noqa: B008 (Gradio's idiom)
+    """The Run button: yields (status, gallery, table, curve, scatter, CSV) after every cell."""
+    sweep, runner = _plan(engine, _request(model, items, prompt, negative, picture, guidance, scales, seeds, steps,
+                                           seed, best_by))
+    folder = export_folder()
+    csv_path = folder / "sweep.csv"
+    yield status(sweep), [], table(sweep), curve(sweep), scatter(sweep), None
+    stop = threading.Event()
+    try:
+        for _ in runner(stop, lambda done, total: progress((done, total), desc="Sweeping")):
+            write_csv(sweep.rows(), csv_path)
+            yield (status(sweep), _gallery(sweep, folder), table(sweep), curve(sweep), scatter(sweep),
+                   str(csv_path))
+    except ValueError as e:
+        raise gr.Error(str(e)) from e
+    finally:
+        stop.set()  # Stop (the generator closed): no cell starts after this
+
+
+def sweep_api(engine: Engine, model: str, prompt: str, files: list[str] | None, concepts: list[str] | str | None,
+              picture: str | None, guidance: str, scales: str, seeds: float, steps: float, seed: float,
+              negative: str = "", best_by: str | None = None) -> Iterator[pd.DataFrame]:
+    """``/sweep``: the table, one row per cell, updated after every cell (its last value: the whole sweep)."""
+    files = list(files or [])
+    if isinstance(concepts, str):
+        concepts = [c.strip() for c in concepts.split(",") if c.strip()]
+    concepts = list(concepts or [])
+    if len(concepts) == 1 and len(files) > 1:
+        concepts = concepts * len(files)
+    if model == "retrinet" and len(concepts) != len(files):
+        raise gr.Error(f"{len(files)} reference files but {len(concepts)} concepts; give one concept per file")
+    req = SweepRequest(model=model or "retrinet", guidance=guidance, retrieval_scales=scales, seeds=seeds, seed=seed,
+                       steps=steps, prompt=prompt or "", negative_prompt=negative or "",
+                       references=list(zip(files, concepts)), image=picture, best_by=best_by or None)
+    sweep, runner = _plan(engine, req)
+    try:
+        for _ in runner():
+            yield table(sweep)
+    except ValueError as e:
+        raise gr.Error(str(e)) from e
+
+
+def build(engine: Engine, demo: gr.Blocks, compose: dict[str, Any], variations: dict[str, Any]) -> None:
+    """``compose``: the Compose tab's ``items``, ``prompt``, ``negative``; ``variations``: its ``picture``."""
+    with gr.Tab("Sweep", id="sweep"):
+        gr.Markdown("Sweep guidance and retrieval scale over the **Compose** tab's references and prompt (RetriNet), "
+                    "or guidance over the **Variations** tab's picture (Semantica). Every cell is scored as it "
+                    "arrives: CLIP-I, CLIP-T, face distance (DF-L2), the VQA score and Similarity Weighted "
+                    "Diversity, which finds the balanced setting where averages of CLIP-I and CLIP-T mislead.")
+        with gr.Row():
+            with gr.Column(scale=4):
+                model = gr.Radio(MODEL_CHOICES, value="retrinet", label="Sweep", elem_id="sweep-model")
+                guidance = gr.Textbox("3, 5, 7", label="Guidance values", elem_id="sweep-guidance",
+                                      info="numbers separated by commas")
+                scales = gr.Textbox("0.5, 1, 1.5", label="Retrieval scale values (RetriNet)", elem_id="sweep-scales")
+                with gr.Row():
+                    seeds = gr.Slider(1, MAX_SEEDS, value=2, step=1, label="Seeds per cell", elem_id="sweep-seeds")
+                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="sweep-steps")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="First seed (-1: a random one)", elem_id="sweep-seed")
+                    best_by = gr.Dropdown(MEASURES, value=DEFAULT_BEST["retrinet"], label="Best cell by",
+                                          elem_id="sweep-best-by")
+                with gr.Row():
+                    run_btn = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="sweep-stop")
+                summary = gr.Markdown("*No sweep yet.*", elem_id="sweep-status")
+                csv_file = gr.File(label="Table as CSV", elem_id="sweep-csv")
+            with gr.Column(scale=6):
+                grid = gr.Gallery(label="Pictures by cell", columns=4, height=380, object_fit="contain", format="png",
+                                  elem_id="sweep-gallery")
+                with gr.Row():
+                    swd_plot = gr.LinePlot(x="retrieval scale", y=DEFAULT_BEST["retrinet"], color="guidance",
+                                           title=f"{DEFAULT_BEST['retrinet']} against retrieval scale", height=260, elem_id="sweep-swd-plot")
+                    clip_plot = gr.ScatterPlot(x="CLIP-I", y="CLIP-T", color="cell", title="CLIP-I against CLIP-T",
+                                               height=260, elem_id="sweep-clip-plot")
+        results = gr.Dataframe(headers=["best", *COLUMNS], label="Scores by cell", interactive=False, wrap=True,
+                               elem_id="sweep-table")
+
+        # client endpoint, with no widget of its own: /sweep
+        with gr.Group(visible=False):
+            api_files = gr.File(file_count="multiple", label="Reference pictures")
+            api_concepts = gr.Dropdown(list(CHOICES), multiselect=True, allow_custom_value=True, label="Concepts")
+            api_picture = gr.Image(type="filepath", label="Picture (Semantica)")
+            api_btn = gr.Button("sweep")
+
+        def x_axis(m: str) -> str:
+            return "retrieval scale" if m == "retrinet" else "guidance"
+
+        model.change(lambda m: (gr.Textbox(interactive=m == "retrinet"), gr.Dropdown(value=DEFAULT_BEST[m])),
+                     model, [scales, best_by], api_visibility="private")
+        best_by.change(lambda m, b: gr.LinePlot(x=x_axis(m), y=b, title=f"{b} against {x_axis(m)}"),
+                       [model, best_by], swd_plot, api_visibility="private")
+        event = run_btn.click(
+            partial(run_sweep, engine),
+            [model, compose["items"], compose["prompt"], compose["negative"], variations["picture"], guidance, scales,
+             seeds, steps, seed, best_by],
+            [summary, grid, results, swd_plot, clip_plot, csv_file], api_visibility="private",
+            concurrency_id="generate")
+        stop_btn.click(lambda text: text.replace("**Running", "**Stopped", 1), summary, summary, cancels=[event],
+                       api_visibility="private")
+        api_btn.click(partial(sweep_api, engine),
+                      [model, compose["prompt"], api_files, api_concepts, api_picture, guidance, scales, seeds, steps,
+                       seed, compose["negative"], best_by],
+                      results, api_name="sweep", concurrency_id="generate")
