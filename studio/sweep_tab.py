@@ -48,19 +48,62 @@ def table(sweep: Sweep) -> pd.DataFrame:
     return df.round(4)
 
 
-def curve(sweep: Sweep) -> pd.DataFrame:
-    """The chosen measure against the retrieval scale (RetriNet) or the guidance (Semantica), one line per guidance."""
-    x = "retrieval scale" if sweep.request.model == "retrinet" else "guidance"
-    rows = [{x: c.retrieval_scale if x == "retrieval scale" else c.guidance, sweep.best_by: c.summary[sweep.best_by],
-             "guidance": f"g {c.guidance:g}"} for c in sweep.done if c.summary.get(sweep.best_by) is not None]
-    return pd.DataFrame(rows, columns=[x, sweep.best_by, "guidance"])
+def curve(sweep: Sweep):
+    """The chosen measure against the retrieval scale (RetriNet; one line per guidance) or the guidance
+    (Semantica), the best cell ringed: a matplotlib figure (``gr.Plot``)."""
+    fig, ax = _figure()
+    metric, best = sweep.best_by, sweep.best()
+    done = [c for c in sweep.done if c.summary.get(metric) is not None]
+    if sweep.request.model == "retrinet":
+        for g in sorted({c.guidance for c in done}):
+            line = sorted((c.retrieval_scale, c.summary[metric]) for c in done if c.guidance == g)
+            ax.plot(*zip(*line), marker="o", label=f"guidance {g:g}")
+        ax.set_xlabel("retrieval scale")
+    else:
+        ax.plot([c.guidance for c in done], [c.summary[metric] for c in done], marker="o", label="Semantica")
+        ax.set_xlabel("guidance w")
+    if best is not None and best.summary.get(metric) is not None:
+        x = best.retrieval_scale if sweep.request.model == "retrinet" else best.guidance
+        ax.scatter([x], [best.summary[metric]], s=180, facecolors="none", edgecolors="crimson", linewidths=2,
+                   label="best", zorder=3)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}, {len(done)} of {len(sweep.cells)} cells", fontsize=10)
+    if done:
+        ax.legend(fontsize=8)
+    return _close(fig)
 
 
-def scatter(sweep: Sweep) -> pd.DataFrame:
+def scatter(sweep: Sweep):
     """One point per cell: mean CLIP-I against mean CLIP-T (seed 000, Fig. 6's reading)."""
-    rows = [{"CLIP-I": c.summary["CLIP-I"], "CLIP-T": c.summary["CLIP-T"], "cell": label(c)}
-            for c in sweep.done if c.summary.get("CLIP-I") is not None and c.summary.get("CLIP-T") is not None]
-    return pd.DataFrame(rows, columns=["CLIP-I", "CLIP-T", "cell"])
+    fig, ax = _figure()
+    done = [c for c in sweep.done if c.summary.get("CLIP-I") is not None and c.summary.get("CLIP-T") is not None]
+    for c in done:
+        ax.scatter(c.summary["CLIP-I"], c.summary["CLIP-T"], s=30)
+        ax.annotate(label(c), (c.summary["CLIP-I"], c.summary["CLIP-T"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("CLIP-I (references)")
+    ax.set_ylabel("CLIP-T (prompt)")
+    ax.set_title("CLIP-I against CLIP-T by cell" if done else "CLIP-T needs a prompt", fontsize=10)
+    return _close(fig)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.2), dpi=100)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _close(fig):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    plt.close(fig)  # gr.Plot draws a closed figure; pyplot keeps no reference to it
+    return fig
 
 
 def status(sweep: Sweep, stopped: bool = False) -> str:
@@ -111,7 +154,7 @@ def run_sweep(engine: Engine, model: str, items: list[dict] | None, prompt: str,
                                            seed, best_by))
     folder = export_folder()
     csv_path = folder / "sweep.csv"
-    yield status(sweep), [], table(sweep), curve(sweep), scatter(sweep), None
+    yield status(sweep), [], table(sweep), None, None, None
     stop = threading.Event()
     try:
         for _ in runner(stop, lambda done, total: progress((done, total), desc="Sweeping")):
@@ -176,10 +219,8 @@ def build(engine: Engine, demo: gr.Blocks, compose: dict[str, Any], variations: 
                 grid = gr.Gallery(label="Pictures by cell", columns=4, height=380, object_fit="contain", format="png",
                                   elem_id="sweep-gallery")
                 with gr.Row():
-                    swd_plot = gr.LinePlot(x="retrieval scale", y=DEFAULT_BEST["retrinet"], color="guidance",
-                                           title=f"{DEFAULT_BEST['retrinet']} against retrieval scale", height=260, elem_id="sweep-swd-plot")
-                    clip_plot = gr.ScatterPlot(x="CLIP-I", y="CLIP-T", color="cell", title="CLIP-I against CLIP-T",
-                                               height=260, elem_id="sweep-clip-plot")
+                    swd_plot = gr.Plot(label="SWD against scale", format="png", elem_id="sweep-swd-plot")
+                    clip_plot = gr.Plot(label="CLIP-I against CLIP-T", format="png", elem_id="sweep-clip-plot")
         results = gr.Dataframe(headers=["best", *COLUMNS], label="Scores by cell", interactive=False, wrap=True,
                                elem_id="sweep-table")
 
@@ -190,13 +231,8 @@ def build(engine: Engine, demo: gr.Blocks, compose: dict[str, Any], variations: 
             api_picture = gr.Image(type="filepath", label="Picture (Semantica)")
             api_btn = gr.Button("sweep")
 
-        def x_axis(m: str) -> str:
-            return "retrieval scale" if m == "retrinet" else "guidance"
-
         model.change(lambda m: (gr.Textbox(interactive=m == "retrinet"), gr.Dropdown(value=DEFAULT_BEST[m])),
                      model, [scales, best_by], api_visibility="private")
-        best_by.change(lambda m, b: gr.LinePlot(x=x_axis(m), y=b, title=f"{b} against {x_axis(m)}"),
-                       [model, best_by], swd_plot, api_visibility="private")
         event = run_btn.click(
             partial(run_sweep, engine),
             [model, compose["items"], compose["prompt"], compose["negative"], variations["picture"], guidance, scales,

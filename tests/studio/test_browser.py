@@ -98,7 +98,7 @@ def set_number(page, selector: str, value: float) -> None:
 
 def test_the_page_opens_on_compose_and_shows_the_three_tabs(page, toybooru_records):
     expect(page).to_have_title("RetriNet Studio")
-    expect(page.get_by_role("tab")).to_have_text(["Compose", "Variations", "Data"])
+    expect(page.get_by_role("tab")).to_have_text(["Compose", "Variations", "Sweep", "Data"])
     expect(page.get_by_role("tab", name="Compose")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#compose-upload")).to_be_visible()
     expect(page.get_by_text("No reference yet")).to_be_visible()
@@ -181,3 +181,41 @@ def test_variations_of_an_uploaded_picture(page, pictures):
     expect(shown.locator(".caption-label")).to_have_text([f"seed {s}{SEP}2 steps{SEP}guidance 0.5{SEP}32x32"
                                                           for s in (3, 4, 5)])
     assert [image_size(shown.nth(i).locator("img")) for i in range(3)] == [(32, 32)] * 3
+
+
+def add_references_and_open_sweep(page, pictures, guidance: str, scales: str, steps: int) -> None:
+    page.locator("#compose-upload input[type=file]").set_input_files(pictures[:2])
+    expect(page.locator(".reference-card")).to_have_count(2, timeout=WORK)
+    page.locator("#compose-prompt textarea").fill("1girl, smiling")
+    page.get_by_role("tab", name="Sweep").click()
+    page.locator("#sweep-guidance textarea").fill(guidance)
+    page.locator("#sweep-scales textarea").fill(scales)
+    set_number(page, "#sweep-seeds input[type=number]", 1)
+    set_number(page, "#sweep-steps input[type=number]", steps)
+
+
+def test_a_2x2_sweep_fills_the_table_and_draws_the_plots(page, pictures):
+    add_references_and_open_sweep(page, pictures, "2, 4", "0.5, 1", 2)
+    page.locator("#sweep-run").click()
+    expect(page.locator("#sweep-status")).to_contain_text("Done: 4 of 4 cells", timeout=WORK)
+    grid = page.locator("#sweep-table [role=grid]")
+    expect(grid).to_have_attribute("aria-rowcount", "5")  # the header and one row per cell
+    expect(grid.locator("tbody tr").filter(has_text="★")).to_have_count(1)
+    expect(page.locator("#sweep-gallery .thumbnail-item")).to_have_count(4)
+    expect(page.locator("#sweep-gallery .caption-label").first).to_have_text("g 2, s 0.5, seed 0")
+    for plot in ("#sweep-swd-plot", "#sweep-clip-plot"):  # matplotlib figures, shown as PNGs
+        width, height = image_size(page.locator(f"{plot} img"))
+        assert width > 200 and height > 100
+    expect(page.locator("#sweep-csv a").first).to_be_visible()
+
+
+def test_stop_keeps_the_cells_of_a_sweep_that_are_done(page, pictures):
+    add_references_and_open_sweep(page, pictures, "1, 2, 3", "0.5, 1, 1.5", 150)
+    page.locator("#sweep-run").click()
+    expect(page.locator("#sweep-status")).to_contain_text("Running: 1 of 9 cells", timeout=WORK)
+    page.locator("#sweep-stop").click()
+    expect(page.locator("#sweep-status")).to_contain_text("Stopped", timeout=WORK)
+    page.wait_for_timeout(3000)  # nothing more arrives
+    done = int(page.locator("#sweep-table [role=grid]").get_attribute("aria-rowcount")) - 1
+    assert 1 <= done < 9
+    expect(page.locator("#sweep-status")).to_contain_text("Stopped")

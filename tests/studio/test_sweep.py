@@ -37,6 +37,7 @@ def request(files, **kw) -> SweepRequest:
 
 @pytest.fixture(scope="module")
 def sweep(engine, files):
+    engine.models.retrinet().retrieval_cache.clear()  # the tiny family is shared by the session's tests
     return run(engine, request(files))
 
 
@@ -66,7 +67,7 @@ def test_a_bad_request_fails_before_any_picture_is_made(engine, files, change, m
         plan(engine, request(files, **change))
 
 
-def test_a_2x2_sweep_scores_every_cell_and_shares_the_reference_features(sweep):
+def test_a_2x2_sweep_scores_every_cell_and_shares_the_reference_features(engine, files, sweep):
     assert [(c.guidance, c.retrieval_scale) for c in sweep.done] == [(2.0, 0.5), (2.0, 1.0), (4.0, 0.5), (4.0, 1.0)]
     rows = sweep.rows()
     assert [r["cell"] for r in rows] == [1, 2, 3, 4] and all(r["pictures"] == 2 for r in rows)
@@ -82,6 +83,8 @@ def test_a_2x2_sweep_scores_every_cell_and_shares_the_reference_features(sweep):
     assert sweep.vqa == "colour stand-in"
     # the retrieval encoder ran for the first cell's timesteps only; the other cells read the cache
     assert sweep.cache == {"misses": STEPS, "hits": 3 * STEPS}
+    again = run(engine, request(files, guidance="3", retrieval_scales="2"))  # new settings, the same references
+    assert again.cache == {"misses": 0, "hits": STEPS}
 
 
 def test_a_cell_is_the_composition_it_names(engine, files, sweep):
@@ -148,8 +151,14 @@ def test_the_tab_streams_table_plots_and_csv_cell_by_cell(engine, files):
     assert (table["best"] == "★").sum() == 1
     starred = table.loc[table["best"] == "★", "SWD(CLIP-I, CLIP-T)"].item()
     assert starred == table["SWD(CLIP-I, CLIP-T)"].max()
-    assert len(curve) == 4 and list(curve.columns) == ["retrieval scale", "SWD(CLIP-I, CLIP-T)", "guidance"]
-    assert len(scatter) == 4
+    lines = curve.axes[0].get_lines()  # one line per guidance, two scales each, and the best cell ringed
+    assert [line.get_label() for line in lines] == ["guidance 2", "guidance 4"]
+    assert [list(line.get_xdata()) for line in lines] == [[0.5, 1.0], [0.5, 1.0]]
+    assert sorted(y for line in lines for y in line.get_ydata()) == sorted(table["SWD(CLIP-I, CLIP-T)"].round(4)) \
+        or len(lines[0].get_ydata()) == 2
+    ringed = curve.axes[0].collections[-1].get_offsets()[0]
+    assert ringed[1] == pytest.approx(starred, abs=1e-4)
+    assert len(scatter.axes[0].collections) == 4  # one point per cell
     with open(csv_path, newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert progress.calls[-1] == (4 * STEPS, 4 * STEPS)
