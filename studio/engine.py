@@ -407,6 +407,27 @@ class Engine:
                     f"at its output folder." if trainer else "")
             raise MissingModel(f"No {what} model for the {self.zoo!r} family: {e}.{hint}") from e
 
+    # ------------------------------------------------------------------ models trained in the Train tab
+
+    def use_model(self, name: str, folder: str | os.PathLike) -> None:
+        """Make later ``compose`` (``name`` "retrinet") or ``vary`` ("semantica") calls use the pipeline
+        saved in ``folder`` (``JobManager.use_checkpoint`` makes one from a training checkpoint). The
+        pipeline loads here, by the model family's own loader, so a bad folder fails now; a generation
+        already running finishes with the model it started with."""
+        import dataclasses
+
+        if name not in ("retrinet", "semantica"):
+            raise ValueError(f"unknown model {name!r}; expected 'retrinet' or 'semantica'")
+        path = Path(folder)
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{folder} is not a saved {name} pipeline (no model_index.json)")
+        zoo = self.models
+        spec = dataclasses.replace(zoo.spec, **{name: str(path)})
+        pipe = getattr(ModelZoo(spec, device=zoo.device), name)()  # ValueError naming the folder if it cannot load
+        with self._run_locks[name], zoo._lock:  # no generation of this model runs while it is swapped
+            zoo._models[name] = pipe
+            zoo.spec = dataclasses.replace(zoo.spec, **{name: str(path)})
+
     # ------------------------------------------------------------------ compose: concept cards
 
     def _extract(self, image: Image.Image):
