@@ -647,10 +647,12 @@ class JobManager:
             return job
         proc = self._procs.pop(job["id"], None)
         code = proc.poll() if proc is not None and proc.pid == job.get("pid") else None
-        self._close(job, code, watched=code is not None)
+        self._close(job, code)
         return job
 
-    def _close(self, job: dict[str, Any], code: int | None, watched: bool) -> None:
+    def _close(self, job: dict[str, Any], code: int | None) -> None:
+        """Record the end of the job's current attempt; ``code`` is None when no one could wait for the
+        process (it was started by another manager, or by a studio that is gone)."""
         job["returncode"] = code
         job["ended"] = job.get("ended") or time.time()
         done = (self._output_dir(job) / RESULTS[job["kind"]]).exists()
@@ -755,7 +757,7 @@ class JobManager:
                 return
             if job.get("attempt") == attempt and job.get("status") == "running" and job.get("pid") == proc.pid:
                 self._procs.pop(job_id, None)
-                self._close(job, code, watched=True)
+                self._close(job, code)
 
     def stop(self, job_id: str, timeout: float = 30.0) -> JobStatus:
         """SIGTERM to the job's process group; SIGKILL after ``timeout`` seconds. A job that is not
@@ -779,7 +781,7 @@ class JobManager:
             if job["status"] == "running":
                 proc = self._procs.pop(job_id, None)
                 code = proc.poll() if proc is not None else None
-                self._close(job, code, watched=proc is not None)
+                self._close(job, code)
                 if self._alive(job) or _group_alive(pgid):
                     job["message"] = "stopped on request, but a process of the job did not end even after SIGKILL"
                     self._write(job)
@@ -873,7 +875,8 @@ class JobManager:
         (RetriNet, and the UNet when it trained; Semantica's UNet and conditioner), the optimiser,
         and ``trainer_state.json`` whose signature gives the models' configs. The rest (VAE, text
         encoder, scheduler, image encoder) comes from the run's base. The folder is written once, to
-        ``<run>/pipelines/<checkpoint>``, atomically; pickles in the checkpoint are never read.
+        ``<run>/pipelines/<checkpoint>``, atomically; only safetensors are read (never the checkpoint's
+        pickled RNG states, nor a base's ``.bin`` weights).
         """
         self._writable()
         job = self.status(job_id, lines=0)
@@ -981,10 +984,10 @@ def _export_retrinet(source: Path, pretrained: str | None, target: Path) -> None
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
 
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the base model {pretrained}: {e}") from e
     if (source / STATE_FILE).is_file():
@@ -993,9 +996,9 @@ def _export_retrinet(source: Path, pretrained: str | None, target: Path) -> None
         if "RetriNet" not in loaded:
             raise ValueError(f"{source} holds no RetriNet weights")
     else:
-        retrinet = RetriNetModel.from_pretrained(source / "retrinet")
+        retrinet = RetriNetModel.from_pretrained(source / "retrinet", use_safetensors=True)
         if (source / "unet" / "config.json").is_file():
-            unet = UNet2DConditionModel.from_pretrained(source / "unet")
+            unet = UNet2DConditionModel.from_pretrained(source / "unet", use_safetensors=True)
     RetriNetPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, retrinet=retrinet,
                      scheduler=_inference_scheduler(pretrained)).save_pretrained(target)
 
@@ -1011,8 +1014,8 @@ def _export_semantica(source: Path, pretrained: str | None, image_encoder: str |
     config = _config(_signature(source).get("conditioner") or {})
     conditioner = SemanticaConditioner.from_config(config)
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        unet = prepare_unet(UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet"),
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True)
+        unet = prepare_unet(UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True),
                             config.get("conditioning", "tokens"))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the base model {pretrained}: {e}") from e
