@@ -184,23 +184,31 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     try:
         if isinstance(image, (str, os.PathLike)):
             image = Image.open(image)
-            image.load()
         elif isinstance(image, (bytes, bytearray)):
             image = Image.open(io.BytesIO(image))
-            image.load()
         elif isinstance(image, np.ndarray):
             if image.ndim not in (2, 3) or image.size == 0:
                 raise ValueError(f"an array picture is H x W or H x W x 3, got shape {image.shape}")
             image = Image.fromarray(image.astype(np.uint8))
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"not a picture: {type(image).__name__}")
+        w, h = image.size  # read from the header: nothing is decoded before the size is known to be sane
+        if w < 1 or h < 1:
+            raise ValueError(f"empty picture ({w}x{h})")
+        if w * h > max_pixels:
+            raise ValueError(f"picture of {w}x{h} pixels is larger than the limit of {max_pixels} pixels")
+        image.load()
+    except Image.DecompressionBombError as e:  # Pillow's own limit, met before ours when reading the header
+        raise ValueError(f"picture too large: {e}") from e
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"not a picture: {e}") from e
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"not a picture: {type(image).__name__}")
-    w, h = image.size
-    if w < 1 or h < 1:
-        raise ValueError(f"empty picture ({w}x{h})")
-    if w * h > max_pixels:
-        raise ValueError(f"picture of {w}x{h} pixels is larger than the limit of {max_pixels} pixels")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16-bit and float pictures: to 8 bits
+        x = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and x.max(initial=0) <= 1:
+            x = x * 255  # a float picture in 0..1
+        elif x.max(initial=0) > 255:
+            x = x / 257  # 16 bits: 65535 -> 255
+        image = Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8), "L")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

@@ -26,7 +26,11 @@ def build_studio(engine: Engine) -> gr.Blocks:
     return demo
 
 
+QUEUE_SIZE = 64  # requests waiting at most; more are refused at once ("queue is full"), so memory stays bounded
+
+
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    """Queue and serve ``demo``; keyword arguments go to ``gr.Blocks.launch`` (after the Space's limits)."""
-    return demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, theme=THEME,
-                                                          **{**launch_kwargs(), **kwargs})
+    """Queue and serve ``demo``; keyword arguments go to ``gr.Blocks.launch`` (after the studio's limits:
+    upload size, no extra served folders; see ``studio.spaces.launch_kwargs``)."""
+    return demo.queue(default_concurrency_limit=4, max_size=QUEUE_SIZE).launch(
+        server_name=host, server_port=port, theme=THEME, **{**launch_kwargs(), **kwargs})

@@ -152,6 +152,15 @@ def crop_api(engine: Engine, picture: str | None):
     return crops, card.overlay, card.concept
 
 
+def api_numbers() -> dict[str, gr.components.Component]:
+    """Hidden inputs of the client endpoints: plain text and numbers, checked by the engine alone."""
+    return {"prompt": gr.Textbox("", label="Prompt"), "negative": gr.Textbox("", label="Negative prompt"),
+            "steps": gr.Number(20, label="Steps"), "guidance": gr.Number(5.0, label="Guidance"),
+            "retrieval_scale": gr.Number(1.0, label="Retrieval scale"), "seed": gr.Number(RANDOMISE, label="Seed"),
+            "num_images": gr.Number(1, label="Pictures"), "width": gr.Number(0, label="Width (0: the model's own)"),
+            "height": gr.Number(0, label="Height (0: the model's own)")}
+
+
 def build(engine: Engine, demo: gr.Blocks) -> dict[str, Any]:
     """The tab; returns what other tabs read: the references (``items``), ``prompt`` and ``negative``."""
     with gr.Tab("Compose", id="compose"):
@@ -223,13 +232,16 @@ def build(engine: Engine, demo: gr.Blocks) -> dict[str, Any]:
                 downloads = gr.File(label="Download (PNG with parameters)", file_count="multiple")
 
         # client endpoints, with no widget of their own: /crop and /compose
+        # (their own inputs: no slider ranges or rounding before the engine's checks, which name the
+        # field; a File, not an Image, so that a broken upload reaches the engine and its clear message)
         with gr.Group(visible=False):
-            api_picture = gr.Image(type="filepath", label="Picture")
+            api_picture = gr.File(type="filepath", label="Picture")
             api_crops = gr.Gallery(label="Concept crops", format="png")
             api_overlay = gr.Image(label="Head box and figure", format="png")
             api_concept = gr.Textbox(label="Default concept")
             api_files = gr.File(file_count="multiple", label="Reference pictures")
             api_concepts = gr.Dropdown(list(CHOICES), multiselect=True, allow_custom_value=True, label="Concepts")
+            api = api_numbers()
             crop_btn = gr.Button("crop")
             compose_btn = gr.Button("compose")
 
@@ -250,6 +262,7 @@ def build(engine: Engine, demo: gr.Blocks) -> dict[str, Any]:
                        api_name="crop")
         compose_btn.click(
             partial(compose_api, engine),
-            [prompt, api_files, api_concepts, steps, guidance, retrieval, seed, num_images, negative, width, height],
+            [api["prompt"], api_files, api_concepts, api["steps"], api["guidance"], api["retrieval_scale"], api["seed"],
+             api["num_images"], api["negative"], api["width"], api["height"]],
             gallery, api_name="compose", concurrency_id="generate")
     return {"items": items, "prompt": prompt, "negative": negative}

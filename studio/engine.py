@@ -48,6 +48,7 @@ MAX_REFERENCES = 8  # RetriNet's default max_references; the model's own limit i
 MAX_IMAGES = 8  # pictures per request: a batch that still fits a consumer GPU at 512 px
 MAX_STEPS = 200
 MAX_GUIDANCE = 50.0  # beyond this, classifier-free guidance only burns the picture
+MAX_PROMPT = 1000  # characters: CLIP reads 77 tokens; a longer text is a mistake or an attack
 MAX_SEED = 2**32 - 1  # seeds are 32-bit so that they can be typed, shown and shared
 RANDOMISE = -1  # the seed that asks for a new random seed (so does the string "randomise")
 SIZES = (32, 2048)  # allowed width / height in pixels, multiples of SIZE_STEP
@@ -483,8 +484,12 @@ class Engine:
         # 1. Check inputs, cheapest first
         prompt = "" if req.prompt is None else req.prompt
         negative = "" if req.negative_prompt is None else req.negative_prompt
-        if not isinstance(prompt, str) or not isinstance(negative, str):
-            raise ValueError("the prompt and the negative prompt must be text")  # noqa: TRY004
+        check_prompt(prompt, negative)
+        steps = _integer("steps", req.steps, 1, MAX_STEPS)
+        guidance = _number("guidance", req.guidance, 0.0, MAX_GUIDANCE)
+        retrieval = _number("retrieval scale", req.retrieval_scale, 0.0, 10.0)
+        n = _integer("number of pictures", req.num_images, 1, MAX_IMAGES)
+        width, height = _size("width", req.width), _size("height", req.height)
         refs = list(req.references or [])
         if not refs:
             raise ValueError("no reference given: drop at least one picture of the character")
@@ -495,11 +500,6 @@ class Engine:
                 raise ValueError(f"reference {i + 1} must be a (picture, concept) pair")
             if ref[1] not in CHOICES:
                 raise ValueError(f"reference {i + 1}: unknown concept {ref[1]!r}; expected one of {', '.join(CHOICES)}")
-        steps = _integer("steps", req.steps, 1, MAX_STEPS)
-        guidance = _number("guidance", req.guidance, 0.0, MAX_GUIDANCE)
-        retrieval = _number("retrieval scale", req.retrieval_scale, 0.0, 10.0)
-        n = _integer("number of pictures", req.num_images, 1, MAX_IMAGES)
-        width, height = _size("width", req.width), _size("height", req.height)
         seed = resolve_seed(req.seed)
 
         # 2. Cut the references, then generate
@@ -598,6 +598,16 @@ class Engine:
                 refs = [(_picture(f"{name}/{e['file']}", folder / e["file"]), e["concept"]) for e in meta["references"]]
                 return Character(name, source, refs)
         raise ValueError(f"no character named {name!r}")
+
+
+def check_prompt(prompt: Any, negative: Any = "") -> None:
+    """A prompt and a negative prompt: text of at most ``MAX_PROMPT`` characters each."""
+    for what, text in (("the prompt", prompt), ("the negative prompt", negative)):
+        if not isinstance(text, str):
+            raise ValueError(f"{what} must be text, got {type(text).__name__}")  # noqa: TRY004
+        if len(text) > MAX_PROMPT:
+            raise ValueError(f"{what} has {len(text)} characters, at most {MAX_PROMPT} are read "
+                             f"(the text encoder sees 77 tokens)")
 
 
 def check_name(name: Any) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 GPU_DURATION = 120  # seconds of ZeroGPU time one generation may take (the default, 60, is short for sd15 batches)
 SPACE_MAX_FILE_SIZE = "10mb"  # per uploaded file on a Space; references are pictures, not videos
+MAX_FILE_SIZE = "50mb"  # per uploaded file elsewhere: a 16-megapixel PNG fits
 SPACE_README = {  # the front matter of README.md that makes the repository a Gradio Space
     "title": "RetriNet Studio",
     "sdk": "gradio",
@@ -30,8 +31,10 @@ def on_space() -> bool:
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """Extra ``gr.Blocks.launch`` arguments for where the studio runs: upload limits on a Space."""
-    return {"max_file_size": SPACE_MAX_FILE_SIZE} if on_space() else {}
+    """Extra ``gr.Blocks.launch`` arguments for where the studio runs: the upload limit (smaller on a
+    Space), and no folder served beyond Gradio's own upload and cache folders (``allowed_paths``
+    empty: the studio hands Gradio every file it shows from a temporary folder)."""
+    return {"max_file_size": SPACE_MAX_FILE_SIZE if on_space() else MAX_FILE_SIZE, "allowed_paths": []}
 
 
 def gpu(fn: Callable | None = None, *, duration: int = GPU_DURATION):

@@ -53,6 +53,7 @@ from studio.engine import (
     _run,
     _seeds,
     _size,
+    check_prompt,
     resolve_seed,
 )
 
@@ -265,8 +266,7 @@ def plan(engine: Engine, req: SweepRequest) -> tuple[Sweep, Callable[[], Iterato
         raise ValueError(f"best_by {best_by!r} is not a measure of the table; choose one of {', '.join(SWD_PAIRS)}")
     prompt = req.prompt if req.prompt is not None else ""
     negative = req.negative_prompt if req.negative_prompt is not None else ""
-    if not isinstance(prompt, str) or not isinstance(negative, str):
-        raise ValueError("the prompt and the negative prompt must be text")  # noqa: TRY004
+    check_prompt(prompt, negative)
 
     if req.model == "retrinet":
         refs = list(req.references or [])

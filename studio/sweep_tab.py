@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from studio.compose_tab import api_numbers
 from studio.engine import CHOICES, MAX_STEPS, Engine
 from studio.sweep import (
     COLUMNS,
@@ -228,7 +229,11 @@ def build(engine: Engine, demo: gr.Blocks, compose: dict[str, Any], variations: 
         with gr.Group(visible=False):
             api_files = gr.File(file_count="multiple", label="Reference pictures")
             api_concepts = gr.Dropdown(list(CHOICES), multiselect=True, allow_custom_value=True, label="Concepts")
-            api_picture = gr.Image(type="filepath", label="Picture (Semantica)")
+            api_picture = gr.File(type="filepath", label="Picture (Semantica)")
+            api = api_numbers()
+            api_seeds, api_guidance, api_scales = gr.Number(2, label="Seeds per cell"), gr.Textbox("3, 5, 7"), \
+                gr.Textbox("0.5, 1, 1.5")
+            api_model, api_best = gr.Textbox("retrinet", label="Model"), gr.Textbox("", label="Best cell by")
             api_btn = gr.Button("sweep")
 
         model.change(lambda m: (gr.Textbox(interactive=m == "retrinet"), gr.Dropdown(value=DEFAULT_BEST[m])),
@@ -242,6 +247,6 @@ def build(engine: Engine, demo: gr.Blocks, compose: dict[str, Any], variations: 
         stop_btn.click(lambda text: text.replace("**Running", "**Stopped", 1), summary, summary, cancels=[event],
                        api_visibility="private")
         api_btn.click(partial(sweep_api, engine),
-                      [model, compose["prompt"], api_files, api_concepts, api_picture, guidance, scales, seeds, steps,
-                       seed, compose["negative"], best_by],
+                      [api_model, api["prompt"], api_files, api_concepts, api_picture, api_guidance, api_scales,
+                       api_seeds, api["steps"], api["seed"], api["negative"], api_best],
                       results, api_name="sweep", concurrency_id="generate")

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio.compose_tab import _gallery
+from studio.compose_tab import _gallery, api_numbers
 from studio.engine import MAX_IMAGES, MAX_STEPS, RANDOMISE, Engine, VaryRequest
 
 
@@ -48,7 +48,15 @@ def build(engine: Engine, demo: gr.Blocks) -> dict[str, Any]:
                 gallery = gr.Gallery(label="Variations", columns=3, height=520, object_fit="contain", format="png",
                                      elem_id="variations-gallery")
 
+        # client endpoint /vary, with inputs of its own (see compose_tab.api_numbers)
+        with gr.Group(visible=False):
+            api_picture = gr.File(type="filepath", label="Picture")
+            api = api_numbers()
+            api_btn = gr.Button("vary")
+
         dice.click(lambda: RANDOMISE, None, seed, api_visibility="private")
-        run.click(partial(vary, engine), [picture, num_images, guidance, steps, seed], gallery, api_name="vary",
-                  concurrency_id="generate")
+        run.click(partial(vary, engine), [picture, num_images, guidance, steps, seed], gallery,
+                  api_visibility="private", concurrency_id="generate")
+        api_btn.click(partial(vary, engine), [api_picture, api["num_images"], api["guidance"], api["steps"], api["seed"]],
+                      gallery, api_name="vary", concurrency_id="generate")
     return {"picture": picture}

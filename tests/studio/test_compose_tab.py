@@ -120,14 +120,14 @@ def test_space_settings_live_in_one_place(monkeypatch):
     from studio import spaces
 
     monkeypatch.delenv("SPACE_ID", raising=False)
-    assert spaces.launch_kwargs() == {}
+    assert spaces.launch_kwargs() == {"max_file_size": spaces.MAX_FILE_SIZE, "allowed_paths": []}
 
     def f():
         return 1
 
     assert spaces.gpu(f) is f  # no `spaces` package here: nothing changes
     monkeypatch.setenv("SPACE_ID", "someone/retrinet-studio")
-    assert spaces.launch_kwargs() == {"max_file_size": spaces.SPACE_MAX_FILE_SIZE}
+    assert spaces.launch_kwargs() == {"max_file_size": spaces.SPACE_MAX_FILE_SIZE, "allowed_paths": []}
     fake = types.ModuleType("spaces")
     fake.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
     fake.GPU = lambda duration: (lambda fn: ("on the GPU", duration, fn))
