@@ -19,7 +19,9 @@ The paper's steps:
    characters, top cloth tags, like the paper's Fig. 2).
 
 Steps 1-3 run in shards of ``--shard-size`` records whose results are written atomically under
-``OUT/.work/``: run the command again after a crash and it continues where it stopped.
+``OUT/.work/``: run the command again after a crash and it continues where it stopped (a shard's
+temporary file left by the crash is removed). The data set is assembled in ``.OUT.tmp-build`` and
+moved into ``OUT`` with ``annotations.jsonl`` last: an ``OUT/annotations.jsonl`` means a complete build.
 ``--num-shards K --shard-index I`` (or ``accelerate launch --num_processes K``) splits the shards
 between processes; the main process (or a last run without shard options) merges.
 """
@@ -288,6 +290,9 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.num_shards is not None:
         world, rank = args.num_shards, args.shard_index
     mine = [i for i in range(len(shards)) if i % world == rank]
+    for i in mine:  # a crash between writing a shard's temporary file and renaming it leaves the file
+        for stale in work.glob(f".shard-{i:06d}.jsonl.*"):
+            stale.unlink(missing_ok=True)
     todo = [i for i in mine if not (work / f"shard-{i:06d}.jsonl").exists()]
     if todo:
         extractor, answerer = build_extractor(args), build_answerer(args)
@@ -361,11 +366,17 @@ def merge(total: int, records, dropped: Counter, shards, images: Path, out: Path
     report["kept_share"] = round(report["kept"] / max(1, report["input_records"]), 4)
     (final / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     _plot(report, final / "report.png")
+    # annotations.jsonl marks a complete build: the old one goes first, the new one comes last, so a
+    # crash in between leaves no annotations.jsonl beside missing or mixed pictures
+    (out / "annotations.jsonl").unlink(missing_ok=True)
     shutil.rmtree(out / "images", ignore_errors=True)
     shutil.rmtree(out / "masks", ignore_errors=True)
-    for p in final.iterdir():
+    for p in sorted(final.iterdir(), key=lambda q: q.name == "annotations.jsonl"):
         os.replace(p, out / p.name)
     final.rmdir()
+    for stale in work.glob(".*"):  # temporary files of crashed writes (every shard is in place now)
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
     print(f"kept {report['kept']} of {report['input_records']} pictures ({report['kept_share']:.1%}; "
           f"the paper kept {report['paper_kept_share']:.1%}) in {report['clusters']} clusters")
     return report

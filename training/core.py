@@ -6,7 +6,11 @@ stricter where they are weak:
 - a checkpoint is written to ``OUT/.checkpoint-STEP.tmp`` by every process and renamed to
   ``OUT/checkpoint-STEP`` by the main process only when complete (a ``trainer_state.json``
   written last marks it so); ``latest`` is the newest complete one, never a half-written one;
-  old checkpoints are removed only after the new one is in place;
+  old checkpoints are removed only after the new one is in place, and each is first renamed out of
+  sight (``OUT/.checkpoint-STEP.old.tmp``), so a crash while deleting one never leaves a
+  half-deleted folder that still looks complete; the files are fsync'ed before the rename;
+- a write that fails (disk full, ...) removes its temporary folder and raises ``CheckpointError``
+  (an ``OSError``) naming the step and the last complete checkpoint, which stays usable;
 - resuming continues at the exact next batch: the data order depends only on (seed, epoch), the
   consumed batches of the epoch are skipped, and Accelerate restores the model, optimiser,
   scheduler and every process's RNG states; so a resumed run logs the losses an uninterrupted
@@ -135,6 +139,62 @@ def _comparable(obj: Any) -> Any:
     return obj
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the earlier checkpoints are intact."""
+
+    @classmethod
+    def failed_write(cls, step: int, output_dir: Path, cause: BaseException) -> CheckpointError:
+        found = list_checkpoints(output_dir)
+        where = (f"the last complete checkpoint, {found[-1][1]}, is intact: resume from it with "
+                 "--resume-from-checkpoint latest" if found else "there is no earlier checkpoint to resume from")
+        reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)) or type(cause).__name__
+        message = f"could not write checkpoint {step} in {output_dir}: {reason}; nothing of it was kept, and {where}"
+        err = cause.errno if isinstance(cause, OSError) else None
+        return cls(err, message) if err is not None else cls(message)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    """fsync a folder, so that the names in it (a rename) reach the disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then the folders themselves."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for p in sorted((q for q in folder.rglob("*") if q.is_dir()), reverse=True):
+        _sync_dir(p)
+    _sync_dir(folder)
+
+
+def _hide(checkpoint: Path) -> Path:
+    """Rename a checkpoint to ``.NAME.old.tmp`` (atomic) before deleting it: a crash during the
+    deletion then leaves a temporary folder, removed at the next start, never a half-deleted
+    ``checkpoint-N`` whose state file makes it look complete."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.old.tmp")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(checkpoint, hidden)
+    return hidden
+
+
 def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
@@ -229,25 +289,39 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-STEP`` atomically; then apply ``checkpoints_total_limit``."""
+        """Write ``checkpoint-STEP`` atomically; then apply ``checkpoints_total_limit``.
+
+        If the write fails (a full disk, a lost mount, ...), the temporary folder is removed and
+        ``CheckpointError`` is raised; the earlier checkpoints are untouched."""
         acc, step = self.accelerator, self.state.global_step
         final = self.output_dir / f"checkpoint-{step}"
         tmp = self.output_dir / f".checkpoint-{step}.tmp"
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))  # every process writes its RNG state here
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                _write_synced(tmp / STATE_FILE, json.dumps(asdict(self.state), indent=1))  # last: marks it complete
+                _sync_tree(tmp)  # on disk before the rename makes it visible
+        except Exception as e:  # safetensors and torch raise their own types for I/O errors
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # never visible as a checkpoint; frees what it took
+            raise CheckpointError.failed_write(step, self.output_dir, e) from e
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every process writes its RNG state here
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=1))  # last: marks it complete
-            if final.exists():
-                shutil.rmtree(final)
+            displaced = None
+            if final.exists():  # the same step saved again (a run resumed from an earlier checkpoint)
+                displaced = _hide(final)
             os.replace(tmp, final)
+            _sync_dir(self.output_dir)
+            if displaced is not None:
+                shutil.rmtree(displaced, ignore_errors=True)
             limit = self.config.checkpoints_total_limit
             if limit is not None:
                 for _, old in list_checkpoints(self.output_dir)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    shutil.rmtree(_hide(old), ignore_errors=True)
             logger.info("saved %s", final)
         acc.wait_for_everyone()
         return final
