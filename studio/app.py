@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio import compose_tab, data_tab, sweep_tab, variations_tab
+from studio import compose_tab, data_tab, sweep_tab, train_tab, variations_tab
 from studio.engine import Engine
 from studio.spaces import launch_kwargs
 
@@ -22,6 +22,7 @@ def build_studio(engine: Engine) -> gr.Blocks:
             compose = compose_tab.build(engine, demo)
             variations = variations_tab.build(engine, demo)
             sweep_tab.build(engine, demo, compose, variations)
+            train_tab.build(engine, demo)
             data_tab.build(engine, demo)
     return demo
 

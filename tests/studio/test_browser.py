@@ -46,6 +46,20 @@ def studio_url(tiny_models, toybooru, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def train_studio_url(tiny_zoo_spec, toybooru, tmp_path_factory):
+    """A studio of its own for training: using a checkpoint changes the models of its engine."""
+    from pipelines.zoo import ModelZoo
+
+    engine = Engine(data=str(toybooru), models=ModelZoo(tiny_zoo_spec, device="cpu"),
+                    workspace=tmp_path_factory.mktemp("train-workspace"))
+    demo = build_studio(engine)
+    port = free_port()
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as pw:
         browser = launch_chromium(pw, CHROMIUM)
@@ -98,7 +112,7 @@ def set_number(page, selector: str, value: float) -> None:
 
 def test_the_page_opens_on_compose_and_shows_the_three_tabs(page, toybooru_records):
     expect(page).to_have_title("RetriNet Studio")
-    expect(page.get_by_role("tab")).to_have_text(["Compose", "Variations", "Sweep", "Data"])
+    expect(page.get_by_role("tab")).to_have_text(["Compose", "Variations", "Sweep", "Train", "Data"])
     expect(page.get_by_role("tab", name="Compose")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#compose-upload")).to_be_visible()
     expect(page.get_by_text("No reference yet")).to_be_visible()
@@ -219,3 +233,57 @@ def test_stop_keeps_the_cells_of_a_sweep_that_are_done(page, pictures):
     done = int(page.locator("#sweep-table [role=grid]").get_attribute("aria-rowcount")) - 1
     assert 1 <= done < 9
     expect(page.locator("#sweep-status")).to_contain_text("Stopped")
+
+
+TRAIN = 240_000  # ms: an `accelerate launch` starts in about 10 s here, more on a busy CPU
+
+
+def test_train_watch_stop_resume_and_compose_with_the_checkpoint(browser, train_studio_url, pictures, artifacts):
+    context = browser.new_context(viewport={"width": 1280, "height": 1600})
+    page = context.new_page()
+    page.set_default_timeout(LOAD)
+    try:
+        page.goto(train_studio_url)
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#train-data input")).not_to_have_value("", timeout=WORK)  # the studio's data set
+        set_number(page, "#train-steps input", 1000)
+        set_number(page, "#train-checkpoint-every input", 2)
+        set_number(page, "#train-validation-every input", 0)
+        set_number(page, "#train-batch-size input", 2)
+        set_number(page, "#train-resolution input", 32)
+        page.locator("#train-run-name textarea, #train-run-name input").first.fill("browser-run")
+        page.locator("#train-launch").click()
+
+        status = page.locator("#train-status")
+        expect(status).to_contain_text("running", timeout=WORK)
+        # the loss plot draws the losses of metrics.jsonl as they come; the log tail fills
+        expect(page.locator("#train-loss-plot canvas, #train-loss-plot svg").first).to_be_visible(timeout=TRAIN)
+        expect(page.locator("#train-log textarea")).to_have_value(re.compile(r"saved \S+checkpoint-\d+"), timeout=TRAIN)
+        expect(status).to_contain_text(re.compile(r"step [1-9]\d* of 1000"), timeout=TRAIN)
+        page.locator("#train-checkpoint input").click()
+        expect(page.get_by_role("option", name=re.compile(r"^checkpoint-\d+$")).first).to_be_visible(timeout=TRAIN)
+        page.keyboard.press("Escape")
+
+        page.locator("#train-stop").click()
+        expect(status).to_contain_text("stopped", timeout=TRAIN)
+        page.locator("#train-resume").click()
+        expect(status).to_contain_text("running", timeout=WORK)
+        expect(status).to_contain_text("attempt 2", timeout=WORK)
+        expect(page.locator("#train-log textarea")).to_have_value(re.compile("resumed from"), timeout=TRAIN)
+        page.locator("#train-stop").click()
+        expect(status).to_contain_text("stopped", timeout=TRAIN)
+
+        page.locator("#train-use").click()  # the latest checkpoint, in Compose
+        expect(page.locator("#train-used")).to_contain_text("Compose now uses checkpoint-", timeout=TRAIN)
+
+        page.get_by_role("tab", name="Compose").click()
+        page.locator("#compose-upload input[type=file]").set_input_files(pictures[:2])
+        expect(page.locator(".reference-card")).to_have_count(2, timeout=WORK)
+        set_number(page, "#compose-steps input[type=number]", 2)
+        set_number(page, "#compose-num-images input[type=number]", 1)
+        page.locator("#compose-generate").click()
+        expect(page.locator("#compose-gallery .thumbnail-item")).to_have_count(1, timeout=WORK)
+        expect(page.locator("#compose-status")).to_contain_text("1 pictures")
+    finally:
+        page.screenshot(path=artifacts / "browser-test_train.png", full_page=True)
+        context.close()

@@ -80,7 +80,7 @@ def test_served_studio_answers_crop_compose_and_vary(engine, files):
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-        assert {"/crop", "/compose", "/vary", "/sweep", "/data_open", "/data_record"} == set(endpoints)
+        assert {"/crop", "/compose", "/vary", "/sweep", "/train_start", "/train_status", "/train_stop", "/data_open", "/data_record"} == set(endpoints)
         assert [p["parameter_name"] for p in endpoints["/compose"]["parameters"]][:8] == [
             "prompt", "files", "concepts", "steps", "guidance", "retrieval_scale", "seed", "num_images"]
 

@@ -98,7 +98,7 @@ def test_served_studio_answers_the_data_endpoints(engine, toybooru):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         # exactly the public endpoints: every other event is private
-        assert set(endpoints) == {"/data_open", "/data_record", "/crop", "/compose", "/vary", "/sweep"}
+        assert set(endpoints) == {"/data_open", "/data_record", "/crop", "/compose", "/vary", "/sweep", "/train_start", "/train_status", "/train_stop"}
         summary, split, slider = client.predict(str(toybooru), "all", api_name="/data_open")
         assert "**120** pictures" in summary and slider["maximum"] == 119
         title, annotated, crops, tags, similar, rec = client.predict(str(toybooru), "all", 3, api_name="/data_record")
