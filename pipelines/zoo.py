@@ -14,13 +14,33 @@ first time it is asked for (thread-safe; never at import), on the device and dty
 ``ValueError`` naming the config key and the missing id or file; a model that is simply not
 configured (no RetriNet weights yet) raises ``MissingModel``, which the studio turns into "train
 one in the Train tab".
+
+The config file's keys are the fields of ``ZooSpec`` (``configs/sd15.json`` is the documented
+example; keys starting with "_" are comments):
+
+- ``family``: "demo" or "sd15"; ``clip``, ``detector``: required; ``retrinet``,
+  ``stable_diffusion``, ``semantica``, ``sam``: optional (null: not configured);
+- ``sam_type`` ("vit_b" / "vit_l" / "vit_h"), ``head_class`` (the detector's class for heads),
+  ``image_encoder`` (informational);
+- ``trust_pickle``: the keys whose files may be Python pickles, e.g. ``["detector"]``, or ``true``
+  for all of them (default: none). Only safetensors load otherwise: diffusers and transformers
+  models are loaded with ``use_safetensors=True``, and a ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt``
+  detector or SAM checkpoint raises ``ValueError`` saying how to opt in. A trusted key loads with a
+  ``PickleWarning`` and with ``torch.load(weights_only=True)`` wherever the library allows:
+  diffusers and transformers read ``.bin`` weights that way, a SAM checkpoint is read as a state
+  dict that way, and an ultralytics YOLO ``.pt`` through ultralytics' restricted loader
+  (``weights_only=True`` against an allow-list of its classes, ultralytics 8.4+; an older
+  ultralytics unpickles it in full, and the warning says so). Unpickling runs whatever code a
+  file holds: trust only files from sources you trust (a Hub file can change after you trusted it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import threading
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +48,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ZOO = ROOT / "assets" / "demo-zoo"
 FAMILIES = ("demo", "sd15")
+# the config keys whose files ``trust_pickle`` may let be pickles
+TRUSTABLE = ("retrinet", "stable_diffusion", "semantica", "clip", "detector", "sam")
 
 
 class MissingModel(ValueError):
@@ -48,6 +70,25 @@ class ZooSpec:
     sam_type: str = "vit_b"
     head_class: str = "head"  # the detector's class name for heads (or faces)
     image_encoder: str | None = None  # Semantica's frozen encoder (informational; the pipeline folder holds it)
+    trust_pickle: tuple[str, ...] = ()  # keys whose files may be pickles (see the module docstring); default none
+
+    def __post_init__(self):
+        trust = self.trust_pickle
+        if trust is True:
+            trust = TRUSTABLE
+        elif trust is False or trust is None:
+            trust = ()
+        elif isinstance(trust, str) or not all(isinstance(k, str) for k in trust):
+            raise ValueError(f"trust_pickle must be true, false or a list of config keys, got {trust!r}")
+        unknown = sorted(set(trust) - set(TRUSTABLE))
+        if unknown:
+            raise ValueError(f"trust_pickle names {', '.join(unknown)}, not model keys "
+                             f"(expected some of {', '.join(TRUSTABLE)})")
+        object.__setattr__(self, "trust_pickle", tuple(k for k in TRUSTABLE if k in trust))
+
+    def trusts(self, key: str) -> bool:
+        """Whether the config lets ``key``'s files be pickles."""
+        return key in self.trust_pickle
 
     @classmethod
     def demo(cls, folder: str | os.PathLike = DEMO_ZOO) -> ZooSpec:
@@ -83,11 +124,14 @@ class ZooSpec:
                 return str((path.parent / Path(v).expanduser()).resolve())
             return v
 
-        values = {k: local(v) for k, v in raw.items()}
+        values = {k: (v if k == "trust_pickle" else local(v)) for k, v in raw.items()}
         values.setdefault("retrinet", None)
         values.setdefault("stable_diffusion", None)
         values.setdefault("semantica", None)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def pick_device(device: str | None = None) -> tuple[str, Any]:
@@ -109,7 +153,8 @@ def _load(what: str, key: str, ref: str | None, loader):
         return loader(ref)
     except MissingModel:
         raise
-    except (OSError, ValueError, FileNotFoundError, KeyError) as e:
+    except (OSError, ValueError, FileNotFoundError, KeyError, pickle.UnpicklingError) as e:
+        # UnpicklingError: torch.load(weights_only=True) refused what a trusted pickle holds
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (" The Hub is offline (HF_HUB_OFFLINE=1): download it first, or point the config at a local folder."
                 if offline and not Path(ref).exists() else "")
@@ -151,6 +196,15 @@ class ModelZoo:
                 self._models[name] = build()
             return self._models[name]
 
+    def _safetensors(self, key: str) -> dict[str, Any]:
+        """``from_pretrained`` options for ``key``: safetensors only, unless the config trusts its pickles
+        (then the library's choice: safetensors when present, else ``.bin`` read with weights_only=True)."""
+        if not self.spec.trusts(key):
+            return {"use_safetensors": True}
+        warnings.warn(f"config key {key!r} is trusted with pickles: .bin weights load if no safetensors are found "
+                      "(read with torch.load(weights_only=True))", _pickle_warning(), stacklevel=3)
+        return {}
+
     # ------------------------------------------------------------------ the models
 
     def retrinet(self):
@@ -163,7 +217,7 @@ class ModelZoo:
         def build(ref: str):
             folder = Path(ref)
             if (folder / "model_index.json").is_file():
-                pipe = RetriNetPipeline.from_pretrained(folder, dtype=self.dtype)
+                pipe = RetriNetPipeline.from_pretrained(folder, dtype=self.dtype, **self._safetensors("retrinet"))
             elif (folder / "retrinet" / "config.json").is_file():
                 pipe = self._retrinet_from_training_output(folder)
             elif folder.exists():
@@ -183,10 +237,12 @@ class ModelZoo:
         base = _load("base Stable Diffusion", "stable_diffusion", self.spec.stable_diffusion,
                      lambda ref: StableDiffusionPipeline.from_pretrained(ref, dtype=self.dtype,
                                                                          safety_checker=None,
-                                                                         requires_safety_checker=False))
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=self.dtype) \
+                                                                         requires_safety_checker=False,
+                                                                         **self._safetensors("stable_diffusion")))
+        own = self._safetensors("retrinet")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=self.dtype, **own) \
             if (folder / "unet" / "config.json").is_file() else base.unet
-        retrinet = RetriNetModel.from_pretrained(folder / "retrinet", dtype=self.dtype)
+        retrinet = RetriNetModel.from_pretrained(folder / "retrinet", dtype=self.dtype, **own)
         return RetriNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
                                 retrinet=retrinet, scheduler=base.scheduler)
 
@@ -198,7 +254,8 @@ class ModelZoo:
 
             if not (Path(ref) / "model_index.json").is_file() and Path(ref).exists():
                 raise ValueError(f"{ref} is not a SemanticaPipeline folder (no model_index.json)")
-            return SemanticaPipeline.from_pretrained(ref, dtype=self.dtype).to(self.device)
+            return SemanticaPipeline.from_pretrained(ref, dtype=self.dtype,
+                                                     **self._safetensors("semantica")).to(self.device)
 
         return self._get("semantica", lambda: _load("Semantica pipeline", "semantica", self.spec.semantica, build))
 
@@ -206,8 +263,13 @@ class ModelZoo:
         """A ``ClipScorer`` (CLIP-I, CLIP-T, face embeddings)."""
         from pipelines.metrics import ClipScorer
 
-        return self._get("clip", lambda: _load("CLIP model", "clip", self.spec.clip,
-                                               lambda ref: ClipScorer.from_pretrained(ref, device=self.device)))
+        def build(ref: str):
+            from transformers import CLIPModel, CLIPProcessor
+
+            return ClipScorer(CLIPModel.from_pretrained(ref, **self._safetensors("clip")),
+                              CLIPProcessor.from_pretrained(ref), device=self.device)
+
+        return self._get("clip", lambda: _load("CLIP model", "clip", self.spec.clip, build))
 
     def extractor(self):
         """A ``ConceptExtractor``: the detector, and SAM when configured."""
@@ -219,18 +281,26 @@ class ModelZoo:
                 from pipelines.detector import SamSegmenter
 
                 segmenter = _load("SAM checkpoint", "sam", self.spec.sam,
-                                  lambda ck: SamSegmenter.from_checkpoint(self.spec.sam_type, _existing(ck)))
+                                  lambda ck: SamSegmenter.from_checkpoint(self.spec.sam_type, _existing(ck),
+                                                                          trusted=self.spec.trusts("sam")))
             if Path(ref).is_dir():
                 return ConceptExtractor.from_pretrained(ref, segmenter=segmenter)
             from pipelines.detector import YoloDetector
 
-            return ConceptExtractor(YoloDetector(ref, head_class=self.spec.head_class), segmenter)
+            return ConceptExtractor(YoloDetector(ref, head_class=self.spec.head_class,
+                                                 trusted=self.spec.trusts("detector")), segmenter)
 
         return self._get("extractor", lambda: _load("concept detector", "detector", self.spec.detector, build))
 
     def loaded(self) -> list[str]:
         with self._lock:
             return sorted(self._models)
+
+
+def _pickle_warning() -> type[Warning]:
+    from pipelines.detector import PickleWarning
+
+    return PickleWarning
 
 
 def _existing(path: str) -> str:
