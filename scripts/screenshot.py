@@ -2,6 +2,8 @@
 
     python app.py &  python scripts/screenshot.py --url http://127.0.0.1:7860 --out assets/screenshots/data-tab.png
     python scripts/screenshot.py --tab compose --out assets/screenshots/compose-tab.png
+    python scripts/screenshot.py --tab sweep --out assets/screenshots/sweep-tab.png
+    python scripts/screenshot.py --tab train --out assets/screenshots/train-tab.png
 
 ``--tab compose`` first drops the pictures of a bundled example character (``assets/examples``) on
 the Compose tab, as a user would drag them from a file manager, waits for their cards, writes a
@@ -92,12 +94,42 @@ def compose(page, references: list[tuple[Path, str]], prompt: str, seed: int, st
     expect(page.locator("#compose-gallery .thumbnail-item img").first).to_be_visible(timeout=GENERATE_TIMEOUT)
 
 
+def sweep(page, guidance: str, scales: str, seeds: int, steps: int | None = None) -> None:
+    """On the Sweep tab (after ``compose``): sweep ``guidance`` x ``scales``, wait for the last cell."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Sweep").click()
+    page.locator("#sweep-guidance textarea").fill(guidance)
+    page.locator("#sweep-scales textarea").fill(scales)
+    for selector, value in {"#sweep-seeds input[type=number]": seeds, "#sweep-steps input[type=number]": steps}.items():
+        if value is not None:
+            page.locator(selector).fill(str(value))
+            page.locator(selector).press("Tab")
+    page.locator("#sweep-run").click()
+    expect(page.locator("#sweep-status")).to_contain_text("Done:", timeout=GENERATE_TIMEOUT)
+
+
+def train(page, steps: int, batch_size: int, every: int) -> None:
+    """On the Train tab: launch a RetriNet run on the studio's data set and wait until it has finished."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#train-data input")).not_to_have_value("", timeout=120_000)
+    for selector, value in {"#train-steps input": steps, "#train-batch-size input": batch_size,
+                            "#train-checkpoint-every input": every, "#train-validation-every input": every}.items():
+        page.locator(selector).fill(str(value))
+        page.locator(selector).press("Tab")
+    page.locator("#train-launch").click()
+    expect(page.locator("#train-status")).to_contain_text("finished", timeout=3_600_000)
+    page.wait_for_timeout(5000)  # two redraws of the tab's timer
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:7860")
     p.add_argument("--out", required=True)
     p.add_argument("--tab", default="Data",
-                   help="the tab to click before the screenshot; 'compose' also drops an example and generates")
+                   help="the tab to click before the screenshot; 'compose' also drops an example and generates, "
+                        "'sweep' then sweeps --guidance x --scales, 'train' launches a run of --train-steps")
     p.add_argument("--wait-for", default=None,
                    help="a selector that must be visible first (default: text=similar on the Data tab)")
     p.add_argument("--next", type=int, default=0, help="click the Next button this many times first")
@@ -105,6 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", default="1girl, full_body, smiling", help="compose: the prompt")
     p.add_argument("--seed", type=int, default=0, help="compose: the seed, so that the picture can be made again")
     p.add_argument("--steps", type=int, default=None, help="compose: denoising steps (default: the tab's)")
+    p.add_argument("--guidance", default="3, 5, 7", help="sweep: guidance values")
+    p.add_argument("--scales", default="0.5, 1, 1.5", help="sweep: retrieval scale values")
+    p.add_argument("--seeds", type=int, default=2, help="sweep: pictures per cell")
+    p.add_argument("--train-steps", type=int, default=40, help="train: steps of the run")
+    p.add_argument("--train-batch-size", type=int, default=4, help="train: batch size")
+    p.add_argument("--train-every", type=int, default=10, help="train: checkpoint and validation interval")
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=1300)
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -118,9 +156,14 @@ def main(args: argparse.Namespace) -> None:
         browser = launch_chromium(pw, args.chromium)
         page = browser.new_page(viewport={"width": args.width, "height": args.height})
         page.goto(args.url)
-        page.get_by_role("tab", name=args.tab).click()
-        if args.tab.lower() == "compose":
+        tab = args.tab.lower()
+        page.get_by_role("tab", name="Compose" if tab == "sweep" else args.tab).click()
+        if tab in ("compose", "sweep"):
             compose(page, example_references(args.character), args.prompt, args.seed, args.steps)
+        if tab == "sweep":
+            sweep(page, args.guidance, args.scales, args.seeds, args.steps)
+        if tab == "train":
+            train(page, args.train_steps, args.train_batch_size, args.train_every)
         wait_for = args.wait_for or ("text=similar" if args.tab.lower() == "data" else None)
         if wait_for:
             page.wait_for_selector(wait_for)

@@ -116,7 +116,7 @@ def status(sweep: Sweep, stopped: bool = False) -> str:
         text += f" Best by {sweep.best_by}: **{label(best)}** ({best.summary[sweep.best_by]:.4f})."
     if sweep.cache.get("hits") or sweep.cache.get("misses"):
         total_reads = sweep.cache["hits"] + sweep.cache["misses"]
-        text += f" Reference features computed {sweep.cache['misses']} times for {total_reads} reads."
+        text += f" Retrieval features: {sweep.cache['hits']} of {total_reads} reads from the cache."
     text += f" VQA: {sweep.vqa}."
     return text
 
@@ -220,8 +220,10 @@ def build(engine: Engine, demo: gr.Blocks, compose: dict[str, Any], variations: 
                 grid = gr.Gallery(label="Pictures by cell", columns=4, height=380, object_fit="contain", format="png",
                                   elem_id="sweep-gallery")
                 with gr.Row():
-                    swd_plot = gr.Plot(label="SWD against scale", format="png", elem_id="sweep-swd-plot")
-                    clip_plot = gr.Plot(label="CLIP-I against CLIP-T", format="png", elem_id="sweep-clip-plot")
+                    swd_plot = gr.Plot(label="SWD against scale", show_label=False, format="png",
+                                       elem_id="sweep-swd-plot")
+                    clip_plot = gr.Plot(label="CLIP-I against CLIP-T", show_label=False, format="png",
+                                        elem_id="sweep-clip-plot")
         results = gr.Dataframe(headers=["best", *COLUMNS], label="Scores by cell", interactive=False, wrap=True,
                                elem_id="sweep-table")
 
