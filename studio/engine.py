@@ -35,7 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipelines.concepts import CONCEPTS, load_image
 from pipelines.zoo import ROOT, MissingModel, ModelZoo
-from studio.spaces import gpu
+from studio.spaces import gpu, on_space
 from training.data import toybooru
 from training.data.retribooru import open_record, prepare_reference, read_annotations
 
@@ -306,15 +306,19 @@ class Engine:
 
     def __init__(self, zoo: str = "demo", config: str | None = None, data: str | None = None,
                  device: str | None = None, workspace: str | os.PathLike | None = None,
-                 models: ModelZoo | None = None, examples: str | os.PathLike = EXAMPLES):
+                 models: ModelZoo | None = None, examples: str | os.PathLike = EXAMPLES, shared: bool | None = None):
         """``zoo`` / ``config`` / ``device`` choose the model family (``ModelZoo.load``; no model is
         loaded before it is needed), or ``models`` gives a ready ``ModelZoo``. ``workspace``: where the
-        character library lives (default: ``cache_dir()``)."""
+        character library lives (default: ``cache_dir()``). ``shared`` (default: on a Hugging Face
+        Space): strangers share this studio, so no local path is accepted (the Data tab opens the
+        studio's own data set only) and nothing is saved to the character library, which every
+        visitor would see."""
         if models is None:
             if zoo not in ("demo", "sd15"):
                 raise ValueError(f"unknown model family {zoo!r}; expected 'demo' or 'sd15'")
             models = ModelZoo.load(zoo, config, device)
         self.models = models
+        self.shared = on_space() if shared is None else bool(shared)
         self.zoo, self.config = models.spec.family, config
         self.default_data = data
         self.workspace = Path(workspace) if workspace is not None else None
@@ -341,6 +345,9 @@ class Engine:
         if not path or not str(path).strip():
             raise ValueError("no data set folder given")
         p = Path(path).expanduser().resolve()
+        if self.shared and (self.default_data is None or p != Path(self.default_data).expanduser().resolve()):
+            raise ValueError("this studio is shared (a Hugging Face Space): local paths are not accepted; "
+                             "only its own data set can be opened")
         if not p.is_dir():
             raise ValueError(f"{path} is not a folder")
         if not (p / "annotations.jsonl").is_file():
@@ -549,6 +556,9 @@ class Engine:
     def save_character(self, name: str, references: Sequence[tuple[Any, str]]) -> CharacterInfo:
         """Save (picture, choice) references under ``name``, replacing a saved character of that name."""
         name = check_name(name)
+        if self.shared:
+            raise ValueError("this studio is shared (a Hugging Face Space): a saved character would be shown to every "
+                             "visitor, so saving is off here; run the studio on your own machine to keep characters")
         if name in self._example_names():
             raise ValueError(f"{name!r} is a bundled example; choose another name")
         refs = list(references or [])
@@ -569,9 +579,10 @@ class Engine:
         return CharacterInfo(name, "saved", len(entries))
 
     def list_characters(self) -> list[CharacterInfo]:
-        """Saved characters (by name), then the bundled examples."""
+        """Saved characters (by name), then the bundled examples (only these when ``shared``)."""
         out = []
-        for source, root, names in (("saved", self.library(), self._saved_names()),
+        saved = [] if self.shared else self._saved_names()
+        for source, root, names in (("saved", self.library(), saved),
                                     ("example", self.examples, self._example_names())):
             for name in names:
                 try:
@@ -591,7 +602,7 @@ class Engine:
     def load_character(self, name: str) -> Character:
         """A saved character, or a bundled example, by name."""
         name = check_name(name)
-        for source, root in (("saved", self.library()), ("example", self.examples)):
+        for source, root in (("saved", self.library()), ("example", self.examples))[1 if self.shared else 0:]:
             folder = root / name
             if (folder / "character.json").is_file():
                 meta = _read_character(folder)

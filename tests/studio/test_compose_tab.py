@@ -145,3 +145,24 @@ def test_app_options_reach_the_engine(monkeypatch, tmp_path, capsys):
     engine = Engine(device="cpu", workspace=tmp_path)
     assert engine.models.device == "cpu" and engine.library() == tmp_path / "characters"
     assert engine.models.loaded() == []  # nothing loads before it is needed
+
+
+def test_a_shared_studio_accepts_no_local_path_and_saves_no_character(tiny_models, toybooru, tmp_path, files,
+                                                                       monkeypatch):
+    """On a Space every visitor shares the engine: the Data tab opens the studio's own data set only,
+    and the character library holds the bundled examples only (a saved one would be shown to all)."""
+    private = Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path)
+    private.save_character("Mine", [(files[0], "face")])
+    monkeypatch.setenv("SPACE_ID", "someone/retrinet-studio")
+    shared = Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path)
+    assert shared.shared and not Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path, shared=False).shared
+    assert shared.dataset_info(str(toybooru)).num_records > 0
+    for path in (str(tmp_path), "/etc", str(toybooru / ".." / toybooru.name / "images")):
+        with pytest.raises(ValueError, match="local paths are not accepted"):
+            shared.dataset_info(path)
+    with pytest.raises(ValueError, match="saving is off"):
+        shared.save_character("Theirs", [(files[0], "face")])
+    assert [c.name for c in shared.list_characters()] == ["kimara_samasa", "riko_shihato"]
+    with pytest.raises(ValueError, match="no character named 'Mine'"):
+        shared.load_character("Mine")
+    assert "Mine" in [c.name for c in private.list_characters()]
