@@ -129,6 +129,14 @@ def compose_api(engine: Engine, prompt: str, files: list[str] | None, concepts: 
                 negative: str = "", width: float | None = None, height: float | None = None,
                 progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
     """``/compose``: reference files and one concept per file (or one for all) -> gallery."""
+    files, concepts = pair_concepts(files, concepts)
+    req = ComposeRequest(prompt, list(zip(files, concepts)), negative or "", steps, guidance, retrieval_scale, seed,
+                         num_images, _size(width), _size(height))
+    return _gallery(_generate(engine, req, progress))[0]
+
+
+def pair_concepts(files: list[str] | None, concepts: list[str] | str | None) -> tuple[list[str], list[str]]:
+    """An endpoint's reference files and concepts: one concept per file, one for all, or a comma-separated text."""
     files = list(files or [])
     if isinstance(concepts, str):
         concepts = [c.strip() for c in concepts.split(",") if c.strip()]
@@ -137,9 +145,7 @@ def compose_api(engine: Engine, prompt: str, files: list[str] | None, concepts: 
         concepts = concepts * len(files)
     if len(concepts) != len(files):
         raise gr.Error(f"{len(files)} reference files but {len(concepts)} concepts; give one concept per file")
-    req = ComposeRequest(prompt, list(zip(files, concepts)), negative or "", steps, guidance, retrieval_scale, seed,
-                         num_images, _size(width), _size(height))
-    return _gallery(_generate(engine, req, progress))[0]
+    return files, concepts
 
 
 def crop_api(engine: Engine, picture: str | None):

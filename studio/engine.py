@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -35,6 +34,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipelines.concepts import CONCEPTS, load_image
 from pipelines.zoo import ROOT, MissingModel, ModelZoo
+from studio.checks import check_integer as _integer
+from studio.checks import check_number as _number
 from studio.spaces import gpu, on_space
 from training.data import toybooru
 from training.data.retribooru import open_record, prepare_reference, read_annotations
@@ -210,27 +211,6 @@ class _Dataset:
 
     def open(self, rec: dict[str, Any]) -> tuple[Image.Image, Image.Image]:
         return open_record(self.path, rec)  # CorruptFile is a ValueError
-
-
-def _integer(what: str, value: Any, low: int, high: int) -> int:
-    """``value`` as an int in ``low..high``; integral floats (what number widgets send) are accepted."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a whole number, got {value!r}")  # noqa: TRY004 (bad input: ValueError)
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ValueError(f"{what} must be a whole number, got {value}")
-    if not low <= value <= high:
-        raise ValueError(f"{what} {int(value)} is outside {low}..{high}")
-    return int(value)
-
-
-def _number(what: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number, got {value!r}")  # noqa: TRY004
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value}")
-    if not low <= value <= high:
-        raise ValueError(f"{what} {value:g} is outside {low:g}..{high:g}")
-    return float(value)
 
 
 def resolve_seed(seed: float | str | None) -> int:

@@ -45,6 +45,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from studio.checks import check_integer as _integer
+from studio.checks import check_number as _number
+
 try:  # file locks keep two studios on one workspace from racing past the running-job limit
     import fcntl
 except ImportError:  # pragma: no cover (Windows)
@@ -83,25 +86,6 @@ READ_ONLY_MESSAGE = ("This studio runs as a Hugging Face Space, where training a
 
 # ---------------------------------------------------------------------- checked values
 
-def _integer(what: str, value: Any, low: int, high: int) -> int:
-    """``value`` as an int in ``low..high``; integral floats (what number widgets send) are accepted."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a whole number, got {value!r}")  # noqa: TRY004 (bad input: ValueError)
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ValueError(f"{what} must be a whole number, got {value}")
-    if not low <= value <= high:
-        raise ValueError(f"{what} {int(value)} is outside {low}..{high}")
-    return int(value)
-
-
-def _number(what: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number, got {value!r}")  # noqa: TRY004
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value}")
-    if not low <= value <= high:
-        raise ValueError(f"{what} {value:g} is outside {low:g}..{high:g}")
-    return float(value)
 
 
 def _choice(what: str, value: Any, choices: Sequence[str]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from studio.compose_tab import api_numbers
+from studio.compose_tab import api_numbers, pair_concepts
 from studio.engine import CHOICES, MAX_STEPS, Engine
 from studio.sweep import (
     COLUMNS,
@@ -26,7 +26,6 @@ from studio.sweep import (
     METRICS,
     SWD_PAIRS,
     Sweep,
-    SweepCell,
     SweepRequest,
     export_folder,
     label,
@@ -172,14 +171,7 @@ def sweep_api(engine: Engine, model: str, prompt: str, files: list[str] | None, 
               picture: str | None, guidance: str, scales: str, seeds: float, steps: float, seed: float,
               negative: str = "", best_by: str | None = None) -> Iterator[pd.DataFrame]:
     """``/sweep``: the table, one row per cell, updated after every cell (its last value: the whole sweep)."""
-    files = list(files or [])
-    if isinstance(concepts, str):
-        concepts = [c.strip() for c in concepts.split(",") if c.strip()]
-    concepts = list(concepts or [])
-    if len(concepts) == 1 and len(files) > 1:
-        concepts = concepts * len(files)
-    if model == "retrinet" and len(concepts) != len(files):
-        raise gr.Error(f"{len(files)} reference files but {len(concepts)} concepts; give one concept per file")
+    files, concepts = pair_concepts(files, concepts) if model == "retrinet" else ([], [])
     req = SweepRequest(model=model or "retrinet", guidance=guidance, retrieval_scales=scales, seeds=seeds, seed=seed,
                        steps=steps, prompt=prompt or "", negative_prompt=negative or "",
                        references=list(zip(files, concepts)), image=picture, best_by=best_by or None)

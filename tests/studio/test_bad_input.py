@@ -67,7 +67,7 @@ def pictures(tmp_path_factory, toybooru, toybooru_records) -> dict[str, str]:
         "zero.png": _png_with_size(0, 0),
         "rgba.png": _save(rgb.convert("RGBA"), "PNG"),
         "palette.png": _save(rgb.quantize(32), "PNG"),
-        "sixteen.png": _save(Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)), "PNG"),
+        "sixteen.png": _save(Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257), "PNG"),
         "cmyk.jpg": _save(rgb.convert("CMYK"), "JPEG"),
         "rotated.jpg": _save(wide, "JPEG", exif=exif.tobytes()),
         "animated.gif": gif.getvalue(),
@@ -237,7 +237,7 @@ def _call(client, case: Case, url: str = ""):
 def test_bad_input_through_the_served_studio(served, pictures, capsys):
     from gradio_client import Client
 
-    engine, url = served
+    _, url = served
     client = Client(url, verbose=False)
     broken = {}
     all_cases = cases(pictures)
@@ -279,7 +279,7 @@ def _engine_call(engine: Engine, case: Case):
                                              a["guidance"], a["retrieval_scale"], a["seed"], a["num_images"],
                                              a.get("width"), a.get("height")))
     refs = list(zip(a["files"], a["concepts"]))
-    sweep, runner = plan(engine, SweepRequest(a["model"], a["guidance"], a["scales"], a["seeds"], a["seed"],
+    _, runner = plan(engine, SweepRequest(a["model"], a["guidance"], a["scales"], a["seeds"], a["seed"],
                                               a["steps"], a["prompt"], references=refs))
     return list(runner())
 
@@ -325,7 +325,7 @@ def test_the_file_route_serves_no_path_outside_gradio_folders(served, pictures, 
     secret = tmp_path / "secret.txt"
     secret.write_text("not for you")
     root = Path(__file__).resolve().parents[2]
-    tries = [f"/etc/passwd", str(secret), str(root / "README.md"), str(root / "app.py"),
+    tries = ["/etc/passwd", str(secret), str(root / "README.md"), str(root / "app.py"),
              "../../../../../../etc/passwd", "..%2f..%2f..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/%2e%2e/etc/passwd",
              str(engine.library()), str(pictures["good.png"])]
     served_paths = []
@@ -340,6 +340,6 @@ def test_the_file_route_serves_no_path_outside_gradio_folders(served, pictures, 
     assert served_paths == []
     # the route itself works: a picture the studio made is served
     client = Client(url, verbose=False)
-    crops, overlay, _ = client.predict(handle_file(pictures["good.png"]), api_name="/crop")
+    _, overlay, _ = client.predict(handle_file(pictures["good.png"]), api_name="/crop")
     with urllib.request.urlopen(url + "gradio_api/file=" + overlay, timeout=30) as r:
         assert r.status == 200 and r.read(8) == b"\x89PNG\r\n\x1a\n"
