@@ -146,25 +146,51 @@ def _gallery(sweep: Sweep, folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+_STOPS: dict[str, threading.Event] = {}  # the running sweep of each browser session, and its Stop
+_STOPS_LOCK = threading.Lock()
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
 def run_sweep(engine: Engine, model: str, items: list[dict] | None, prompt: str, negative: str, picture: str | None,
               guidance: str, scales: str, seeds: float, steps: float, seed: float, best_by: str | None,
-              progress=gr.Progress()) -> Iterator[tuple[Any, ...]]:  # noqa: B008 (Gradio's idiom)
-    """The Run button: yields (status, gallery, table, curve, scatter, CSV) after every cell."""
+              request: gr.Request = None, progress=gr.Progress()) -> Iterator[tuple[Any, ...]]:  # noqa: B008
+    """The Run button: yields (status, gallery, table, curve, scatter, CSV) after every cell. Stop (``stop_sweep``
+    from the same session) ends the sweep after the cell being made, and the last update says so."""
     sweep, runner = _plan(engine, _request(model, items, prompt, negative, picture, guidance, scales, seeds, steps,
                                            seed, best_by))
     folder = export_folder()
     csv_path = folder / "sweep.csv"
-    yield status(sweep), [], table(sweep), None, None, None
-    stop = threading.Event()
+    stop, key = threading.Event(), _session(request)
+    with _STOPS_LOCK:
+        _STOPS[key] = stop
+    outputs = (status(sweep), [], table(sweep), None, None, None)
+    yield outputs
     try:
         for _ in runner(stop, lambda done, total: progress((done, total), desc="Sweeping")):
             write_csv(sweep.rows(), csv_path)
-            yield (status(sweep), _gallery(sweep, folder), table(sweep), curve(sweep), scatter(sweep),
-                   str(csv_path))
+            outputs = (status(sweep), _gallery(sweep, folder), table(sweep), curve(sweep), scatter(sweep),
+                       str(csv_path))
+            yield outputs
+        if stop.is_set():
+            yield (status(sweep, stopped=True), *outputs[1:])
     except ValueError as e:
         raise gr.Error(str(e)) from e
     finally:
-        stop.set()  # Stop (the generator closed): no cell starts after this
+        stop.set()  # the generator closed (the page went away): no cell starts after this
+        with _STOPS_LOCK:
+            if _STOPS.get(key) is stop:
+                del _STOPS[key]
+
+
+def stop_sweep(request: gr.Request = None) -> None:
+    """The Stop button: the session's sweep stops after its current cell and keeps what is done."""
+    with _STOPS_LOCK:
+        stop = _STOPS.get(_session(request))
+    if stop is not None:
+        stop.set()
 
 
 def sweep_api(engine: Engine, model: str, prompt: str, files: list[str] | None, concepts: list[str] | str | None,
@@ -232,14 +258,19 @@ def build(engine: Engine, demo: gr.Blocks, compose: dict[str, Any], variations: 
 
         model.change(lambda m: (gr.Textbox(interactive=m == "retrinet"), gr.Dropdown(value=DEFAULT_BEST[m])),
                      model, [scales, best_by], api_visibility="private")
-        event = run_btn.click(
-            partial(run_sweep, engine),
+        def run(model: str, items: list[dict] | None, prompt: str, negative: str, picture: str | None, guidance: str,
+                scales: str, seeds: float, steps: float, seed: float, best_by: str | None, request: gr.Request,
+                progress=gr.Progress()):  # noqa: B008 (a function of its own: Gradio sees the gr.Request here)
+            yield from run_sweep(engine, model, items, prompt, negative, picture, guidance, scales, seeds, steps, seed,
+                                 best_by, request=request, progress=progress)
+
+        run_btn.click(
+            run,
             [model, compose["items"], compose["prompt"], compose["negative"], variations["picture"], guidance, scales,
              seeds, steps, seed, best_by],
             [summary, grid, results, swd_plot, clip_plot, csv_file], api_visibility="private",
             concurrency_id="generate")
-        stop_btn.click(lambda text: text.replace("**Running", "**Stopped", 1), summary, summary, cancels=[event],
-                       api_visibility="private")
+        stop_btn.click(stop_sweep, None, None, api_visibility="private", concurrency_limit=None)
         api_btn.click(partial(sweep_api, engine),
                       [api_model, api["prompt"], api_files, api_concepts, api_picture, api_guidance, api_scales,
                        api_seeds, api["steps"], api["seed"], api["negative"], api_best],

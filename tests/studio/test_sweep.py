@@ -194,3 +194,21 @@ def test_served_sweep_endpoint_returns_one_row_per_cell(engine, files):
     finally:
         demo.close()
     assert Image.open(files[0]).size == (96, 96)
+
+
+def test_the_stop_button_ends_the_sessions_sweep_after_its_cell(engine, files):
+    from types import SimpleNamespace
+
+    items, _ = compose_tab.add_pictures(engine, files[:2], [])
+    mine, other = SimpleNamespace(session_hash="mine"), SimpleNamespace(session_hash="other")
+    run = sweep_tab.run_sweep(engine, "retrinet", items, "a girl", "", None, "2, 4", "0.5, 1", 1, STEPS, 0, None,
+                              request=mine, progress=Progress())
+    first, one_cell = next(run), next(run)
+    assert first[0].startswith("**Running: 0 of 4") and one_cell[0].startswith("**Running: 1 of 4")
+    sweep_tab.stop_sweep(other)  # another user's Stop does not touch this sweep
+    assert next(run)[0].startswith("**Running: 2 of 4")
+    sweep_tab.stop_sweep(mine)
+    rest = list(run)
+    assert len(rest) == 1 and rest[0][0].startswith("**Stopped: 2 of 4 cells**")
+    assert len(rest[0][2]) == 2  # the table keeps the cells done
+    sweep_tab.stop_sweep(mine)  # nothing running: nothing happens
