@@ -197,14 +197,14 @@ def test_variations_of_an_uploaded_picture(page, pictures):
     assert [image_size(shown.nth(i).locator("img")) for i in range(3)] == [(32, 32)] * 3
 
 
-def add_references_and_open_sweep(page, pictures, guidance: str, scales: str, steps: int) -> None:
+def add_references_and_open_sweep(page, pictures, guidance: str, scales: str, steps: int, seeds: int = 1) -> None:
     page.locator("#compose-upload input[type=file]").set_input_files(pictures[:2])
     expect(page.locator(".reference-card")).to_have_count(2, timeout=WORK)
     page.locator("#compose-prompt textarea").fill("1girl, smiling")
     page.get_by_role("tab", name="Sweep").click()
     page.locator("#sweep-guidance textarea").fill(guidance)
     page.locator("#sweep-scales textarea").fill(scales)
-    set_number(page, "#sweep-seeds input[type=number]", 1)
+    set_number(page, "#sweep-seeds input[type=number]", seeds)
     set_number(page, "#sweep-steps input[type=number]", steps)
 
 
@@ -224,7 +224,8 @@ def test_a_2x2_sweep_fills_the_table_and_draws_the_plots(page, pictures):
 
 
 def test_stop_keeps_the_cells_of_a_sweep_that_are_done(page, pictures):
-    add_references_and_open_sweep(page, pictures, "1, 2, 3", "0.5, 1, 1.5", 200)
+    # cells long enough (8 pictures of 200 steps) that the page sees the first ones well before the last
+    add_references_and_open_sweep(page, pictures, "1, 2, 3", "0.5, 1, 1.5", 200, seeds=8)
     page.locator("#sweep-run").click()
     expect(page.locator("#sweep-status")).to_contain_text(re.compile(r"Running: [1-6] of 9 cells"), timeout=WORK)
     page.locator("#sweep-stop").click()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
+import numpy as np
 import pytest
 from helpers import free_port
 from PIL import Image
@@ -95,8 +96,10 @@ def test_served_studio_answers_crop_compose_and_vary(engine, files):
         assert pictures[0]["caption"].startswith("seed 5 ") and pictures[1]["caption"].startswith("seed 6 ")
         again = client.predict(prompt="a girl", files=refs, concepts=["face", "clothes"], steps=2, guidance=3.0,
                                retrieval_scale=1.0, seed=5, num_images=1, width=32, height=32, api_name="/compose")
-        assert list(Image.open(again[0]["image"]).getdata()) == \
-            list(Image.open(pictures[0]["image"]).getdata())
+        # the same picture, made alone: equal up to the last bit of the CPU kernels, which may differ with the
+        # batch size (a batch of 2 and a batch of 1 run different convolution paths)
+        alone = np.asarray(Image.open(again[0]["image"]), np.int16)
+        assert np.abs(alone - np.asarray(Image.open(pictures[0]["image"]), np.int16)).max() <= 2
         with pytest.raises(Exception, match="unknown concept 'hat'"):
             client.predict("a girl", refs[:1], ["hat"], 2, 3.0, 1.0, 5, 1, api_name="/compose")
 
