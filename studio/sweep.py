@@ -26,7 +26,6 @@ only, labelled as such.
 from __future__ import annotations
 
 import csv
-import math
 import os
 import re
 import tempfile
@@ -346,7 +345,3 @@ def export_folder() -> Path:
 def label(cell: SweepCell) -> str:
     """A cell's settings in words: "g 5, s 0.5"."""
     return f"g {cell.guidance:g}" + ("" if cell.retrieval_scale is None else f", s {cell.retrieval_scale:g}")
-
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

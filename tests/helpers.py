@@ -29,3 +29,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Progress:
+    """A stand-in for ``gr.Progress`` that records what it is told."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, value, desc=None, **kw):
+        self.calls.append(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import Progress, free_port
 from PIL import Image
 
 from studio import compose_tab, variations_tab
@@ -22,14 +22,6 @@ def engine(tiny_models, toybooru, tmp_path_factory):
 def files(toybooru, toybooru_records):
     high = [r for r in toybooru_records if r["face_bbox"][3] < r["height"] / 2][:3]
     return [str(toybooru / r["file"]) for r in high]
-
-
-class Progress:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, value, desc=None, **kw):
-        self.calls.append(value)
 
 
 def test_dropped_pictures_become_cards_that_can_be_changed_and_removed(engine, files):

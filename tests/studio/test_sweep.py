@@ -7,7 +7,7 @@ import threading
 
 import gradio as gr
 import pytest
-from helpers import free_port
+from helpers import Progress, free_port
 from PIL import Image
 
 from studio import compose_tab, sweep_tab
@@ -127,14 +127,6 @@ def test_a_semantica_sweep_has_one_axis(engine, files):
     assert sweep.best_by == "SWD(VQA, CLIP-I)"
     assert all(c.summary["CLIP-T"] is None and isinstance(c.summary["CLIP-I"], float) for c in sweep.done)
     assert "retrieval scale" not in sweep_tab.table(sweep).columns
-
-
-class Progress:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, value, desc=None, **kw):
-        self.calls.append(value)
 
 
 def test_the_tab_streams_table_plots_and_csv_cell_by_cell(engine, files):
