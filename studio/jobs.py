@@ -47,6 +47,7 @@ from typing import Any
 
 from studio.checks import check_integer as _integer
 from studio.checks import check_number as _number
+from training.checkpoints import STATE_FILE, list_checkpoints
 
 try:  # file locks keep two studios on one workspace from racing past the running-job limit
     import fcntl
@@ -69,8 +70,6 @@ CHECKPOINTS_KEPT = 5  # --checkpoints-total-limit of the runs the studio starts
 LOG_LINES = 40
 JOB_ID = re.compile(r"^(toybooru|dataset|retrinet|semantica)-\d{8}-\d{6}-[0-9a-f]{6}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # run and data-set names: one folder, no path
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"  # training.core writes it last: it marks a checkpoint complete
 RESULTS = {"toybooru": "annotations.jsonl", "dataset": "report.json", "retrinet": "retrinet/config.json",
            "semantica": "semantica/model_index.json"}  # what a finished job leaves in its output folder
 SHARD_DONE = re.compile(r"shard (\d+) of (\d+) done")  # training.build_dataset's progress lines
@@ -386,18 +385,6 @@ def read_losses(path: Path) -> list[dict[str, float]]:
             out.append({"step": rec["step"], "loss": float(loss),
                         "lr": float(lr) if isinstance(lr, (int, float)) and math.isfinite(lr) else None})
     return out
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete ``checkpoint-N`` folders (with ``trainer_state.json``), newest first; ``.tmp`` ones are not."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for p in output_dir.iterdir():
-        m = CHECKPOINT.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
 
 
 # ---------------------------------------------------------------------- the manager
@@ -833,7 +820,7 @@ class JobManager:
             st.result = str(result.parent if job["kind"] in TRAINERS else out)
         if job["kind"] in TRAINERS:
             st.losses = read_losses(out / "metrics.jsonl")
-            st.checkpoints = [p.name for _, p in list_checkpoints(out)]
+            st.checkpoints = [p.name for _, p in reversed(list_checkpoints(out))]
             st.pictures = [str(p) for p in sorted((out / "validation").glob("step-*.png"))] \
                 if (out / "validation").is_dir() else []
             st.max_steps = st.request.get("steps")

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -40,10 +39,9 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-logger = logging.getLogger(__name__)
+from training.checkpoints import STATE_FILE, list_checkpoints
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
+logger = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler[int]):
@@ -102,19 +100,6 @@ def make_accelerator(**kwargs) -> Accelerator:
 
 
 # ---------------------------------------------------------------------- checkpoints on disk
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for p in out.iterdir():
-        m = CHECKPOINT.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
 
 def resolve_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path | None:
     """``latest`` (None if there is none yet), or a path that must be a complete checkpoint."""

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from studio.jobs import (
     list_checkpoints,
     read_losses,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +394,14 @@ def test_losses_and_checkpoints_are_read_tolerantly(tmp_path):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.json").write_text("{}")
-    assert [p.name for _, p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-2"]
+    assert [p.name for _, p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]  # by step, oldest first
     log = tmp_path / "log.txt"
     log.write_text("a\nprogress 10%\rprogress 50%\rprogress 100%\nb\n")
     assert jobs_module._tail(log, 2) == ["progress 100%", "b"]
+
+
+def test_the_studio_lists_checkpoints_without_importing_accelerate():
+    """``studio.jobs`` shares ``training.checkpoints`` with the trainer, not ``training.core`` (Accelerate, torch)."""
+    code = "import sys, studio.jobs; print(sorted(m for m in ('accelerate', 'training.core') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
