@@ -11,7 +11,9 @@ read-only: the form is disabled and the endpoints refuse to start anything.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,19 @@ def manager_for(engine: Engine) -> JobManager:
     return JobManager(workspace, read_only=on_space(), data_roots=roots, bases=bases_from_spec(engine.models.spec))
 
 
-def _error(e: ValueError) -> gr.Error:
-    return gr.Error(str(e))
+@contextlib.contextmanager
+def _shown() -> Iterator[None]:
+    """A ``ValueError`` of the job manager reaches the page (or the API caller) as a ``gr.Error`` with its message."""
+    try:
+        yield
+    except ValueError as e:
+        raise gr.Error(str(e)) from e
+
+
+def _chosen(job_id: str | None) -> str:
+    if not job_id:
+        raise gr.Error("Choose a job first.")
+    return job_id
 
 
 def _job_choices(jobs: JobManager) -> list[tuple[str, str]]:
@@ -73,19 +86,15 @@ def data_list(jobs: JobManager, current: str | None = None) -> gr.Dropdown:
 
 def start_toybooru(jobs: JobManager, name: str, num_images: float, seed: float, size: float) -> gr.Dropdown:
     """Draw a Toybooru into ``<workspace>/data/<name>`` as a job; select it."""
-    try:
+    with _shown():
         job_id = jobs.start(ToybooruRequest(name, num_images, seed, size))
-    except ValueError as e:
-        raise _error(e) from e
     return job_list(jobs, job_id)
 
 
 def start_dataset(jobs: JobManager, images: str, metadata: str, name: str) -> gr.Dropdown:
     """Build a data set from a folder of pictures and a metadata file as a job; select it."""
-    try:
+    with _shown():
         job_id = jobs.start(DatasetRequest(images, metadata, name))
-    except ValueError as e:
-        raise _error(e) from e
     return job_list(jobs, job_id)
 
 
@@ -102,53 +111,36 @@ def train_start(jobs: JobManager, model: str, data: str, run_name: str, base: st
                        lock=lock, checkpoint_every=checkpoint_every, validation_every=validation_every,
                        processes=processes, batch_size=batch_size, resolution=resolution,
                        gradient_accumulation=gradient_accumulation, seed=seed, mixed_precision=mixed_precision)
-    try:
+    with _shown():
         return jobs.start(req)
-    except ValueError as e:
-        raise _error(e) from e
 
 
 def train_status(jobs: JobManager, job_id: str | None) -> dict[str, Any]:
     """``/train_status``: a job id -> its state, step, losses, checkpoints, pictures and log tail."""
-    if not job_id:
-        raise gr.Error("Choose a job first.")
-    try:
-        return jobs.status(job_id).to_dict()
-    except ValueError as e:
-        raise _error(e) from e
+    with _shown():
+        return jobs.status(_chosen(job_id)).to_dict()
 
 
 def train_stop(jobs: JobManager, job_id: str | None) -> dict[str, Any]:
     """``/train_stop``: SIGTERM, then SIGKILL after a timeout; -> the job's status once it has ended."""
-    if not job_id:
-        raise gr.Error("Choose a job first.")
-    try:
-        return jobs.stop(job_id, timeout=STOP_TIMEOUT).to_dict()
-    except ValueError as e:
-        raise _error(e) from e
+    with _shown():
+        return jobs.stop(_chosen(job_id), timeout=STOP_TIMEOUT).to_dict()
 
 
 def resume(jobs: JobManager, job_id: str | None) -> gr.Dropdown:
-    if not job_id:
-        raise gr.Error("Choose a job first.")
-    try:
-        jobs.resume(job_id)
-    except ValueError as e:
-        raise _error(e) from e
+    with _shown():
+        jobs.resume(_chosen(job_id))
     return job_list(jobs, job_id)
 
 
 def use_checkpoint(engine: Engine, jobs: JobManager, job_id: str | None, checkpoint: str | None,
                    progress=gr.Progress()) -> str:  # noqa: B008 (Gradio's idiom)
     """Make Compose (RetriNet runs) or Variations (Semantica runs) use a checkpoint of the job."""
-    if not job_id:
-        raise gr.Error("Choose a job first.")
+    job_id = _chosen(job_id)
     progress(0, desc="Making a pipeline from the checkpoint")
-    try:
+    with _shown():
         choice = jobs.use_checkpoint(job_id, checkpoint or "latest")
         engine.use_model(choice.name, choice.folder)
-    except ValueError as e:
-        raise _error(e) from e
     message = f"{USES[choice.name]} now uses {choice.checkpoint} of job {job_id} ({choice.folder})."
     gr.Info(message)
     return message
