@@ -92,92 +92,67 @@ def shared_features(pipe, rounds: int) -> dict:
                predicted=flops["shared"] / flops["per row"])
 
 
-def composition_ab(pipe, steps: int, rounds: int) -> list[dict]:
+def sdpa_and_channels_last(fn, models, formatted, rounds: int, sdpa_name: str, format_name: str) -> list[dict]:
+    """``fn`` timed with and without SDPA (the attention processors of ``models``), and with and without
+    channels-last (the memory format of ``formatted``), interleaved; the defaults are restored after each call."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    models = (pipe.unet, pipe.retrinet)
+    def with_processor(processor):
+        def run():
+            _set_processor(models, processor)
+            try:
+                return fn()
+            finally:
+                _set_processor(models, AttnProcessor2_0())
+        return run
+
+    def with_format(fmt):
+        def run():
+            for m in formatted:
+                m.to(memory_format=fmt)
+            try:
+                return fn()
+            finally:
+                for m in formatted:
+                    m.to(memory_format=torch.contiguous_format)
+        return run
+
+    times = common.interleave({"AttnProcessor": with_processor(AttnProcessor()),
+                               "AttnProcessor2_0": with_processor(AttnProcessor2_0())}, rounds)
+    out = [_ab(sdpa_name, "AttnProcessor", "AttnProcessor2_0", times, "AttnProcessor", "AttnProcessor2_0")]
+    times = common.interleave({"contiguous": with_format(torch.contiguous_format),
+                               "channels_last": with_format(torch.channels_last)}, rounds)
+    out.append(_ab(format_name, "contiguous", "channels_last", times, "contiguous", "channels_last"))
+    return out
+
+
+def composition_ab(pipe, steps: int, rounds: int) -> list[dict]:
+    import torch
+
     warm, cold = _composer(pipe, steps, warm=True), _composer(pipe, steps, warm=False)
-    out = []
     with torch.no_grad():
         times = common.interleave({"computed": cold, "cached": warm}, rounds)
-        out.append(_ab("the feature cache (a composition whose references' features are cached)",
-                       "computed", "cached", times, "computed", "cached"))
-
-        def with_processor(processor):
-            def run():
-                _set_processor(models, processor)
-                try:
-                    return warm()
-                finally:
-                    _set_processor(models, AttnProcessor2_0())
-            return run
-
-        times = common.interleave({"AttnProcessor": with_processor(AttnProcessor()),
-                                   "AttnProcessor2_0": with_processor(AttnProcessor2_0())}, rounds)
-        out.append(_ab("scaled-dot-product attention (diffusers `AttnProcessor2_0`, the default)", "AttnProcessor",
-                       "AttnProcessor2_0", times, "AttnProcessor", "AttnProcessor2_0"))
-
-        def with_format(fmt):
-            def run():
-                for m in (pipe.unet, pipe.retrinet, pipe.vae):
-                    m.to(memory_format=fmt)
-                try:
-                    return warm()
-                finally:
-                    for m in (pipe.unet, pipe.retrinet, pipe.vae):
-                        m.to(memory_format=torch.contiguous_format)
-            return run
-
-        times = common.interleave({"contiguous": with_format(torch.contiguous_format),
-                                   "channels_last": with_format(torch.channels_last)}, rounds)
-        out.append(_ab("channels-last memory format (UNet, RetriNet, VAE)", "contiguous", "channels_last", times,
-                       "contiguous", "channels_last"))
+        out = [_ab("the feature cache (a composition whose references' features are cached)",
+                   "computed", "cached", times, "computed", "cached")]
+        out += sdpa_and_channels_last(warm, (pipe.unet, pipe.retrinet), (pipe.unet, pipe.retrinet, pipe.vae), rounds,
+                                      "scaled-dot-product attention (diffusers `AttnProcessor2_0`, the default)",
+                                      "channels-last memory format (UNet, RetriNet, VAE)")
     return out
 
 
 def medium_ab(rounds: int) -> list[dict]:
     """SDPA and channels-last on a 'medium' UNet step (latent 32, N = 4, batch 1 with guidance)."""
     import torch
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from benchmarks.retrinet_step import build, inputs, retrinet_step
 
     unet, retrinet, cfg = build("medium", "cpu")
     x = inputs(cfg, 1, 4, 32, "cpu")
-    step = lambda: retrinet_step(unet, retrinet, *x, 4)
-    out = []
     with torch.no_grad():
-        def processor(p):
-            def run():
-                _set_processor((unet, retrinet), p)
-                try:
-                    return step()
-                finally:
-                    _set_processor((unet, retrinet), AttnProcessor2_0())
-            return run
-
-        times = common.interleave({"AttnProcessor": processor(AttnProcessor()),
-                                   "AttnProcessor2_0": processor(AttnProcessor2_0())}, rounds)
-        out.append(_ab("scaled-dot-product attention, 'medium' UNet step (latent 32, N = 4)", "AttnProcessor",
-                       "AttnProcessor2_0", times, "AttnProcessor", "AttnProcessor2_0"))
-
-        def fmt(f):
-            def run():
-                for m in (unet, retrinet):
-                    m.to(memory_format=f)
-                try:
-                    return step()
-                finally:
-                    for m in (unet, retrinet):
-                        m.to(memory_format=torch.contiguous_format)
-            return run
-
-        times = common.interleave({"contiguous": fmt(torch.contiguous_format),
-                                   "channels_last": fmt(torch.channels_last)}, rounds)
-        out.append(_ab("channels-last, 'medium' UNet step (latent 32, N = 4)", "contiguous", "channels_last", times,
-                       "contiguous", "channels_last"))
-    return out
+        return sdpa_and_channels_last(lambda: retrinet_step(unet, retrinet, *x, 4), (unet, retrinet), (unet, retrinet),
+                                      rounds, "scaled-dot-product attention, 'medium' UNet step (latent 32, N = 4)",
+                                      "channels-last, 'medium' UNet step (latent 32, N = 4)")
 
 
 def compiled(pipe, steps: int, rounds: int) -> dict:
