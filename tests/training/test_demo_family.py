@@ -258,7 +258,10 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     ceiling = figures["vae_ceiling"]
     assert ceiling["pictures"] > 0 and ceiling["mse"] >= 0
     assert set(ceiling["real"]) == set(ceiling["reconstructed"]) and 0 <= ceiling["real"]["hair_color"] <= 1
+    assert ceiling["real"]["three_colours"] >= ceiling["real"]["character_and_outfit"]  # fewer attributes to get right
+    for key in ("reconstruction", "composition_in_domain", "composition_out_domain"):
+        assert 0 <= figures[key]["three_colours"] <= 1, key
     report = (out / "REPORT.md").read_text()
     assert "## RetriNet: composition" in report and "report/composition-in.png" in report
-    assert "## What the VAE lets through" in report
+    assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
