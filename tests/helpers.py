@@ -39,3 +39,29 @@ class Progress:
 
     def __call__(self, value, desc=None, **kw):
         self.calls.append(value)
+
+
+def upright_pictures(toybooru: Path, records: list[dict], n: int) -> list[str]:
+    """The first ``n`` Toybooru pictures whose head lies in the upper half: each gives face, clothes and figure."""
+    high = [r for r in records if r["face_bbox"][3] < r["height"] / 2][:n]
+    assert len(high) == n, f"only {len(high)} such pictures"
+    return [str(toybooru / r["file"]) for r in high]
+
+
+def serve(engine):
+    """``engine``'s studio served on a free port: a context manager that gives its URL and closes it after."""
+    import contextlib
+
+    from studio.app import build_studio, launch
+
+    @contextlib.contextmanager
+    def served():
+        demo = build_studio(engine)
+        port = free_port()
+        launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+
+    return served()

@@ -56,3 +56,19 @@ def tiny_zoo_spec(tmp_path_factory, tiny_clip) -> ZooSpec:
 def tiny_models(tiny_zoo_spec) -> ModelZoo:
     """The tiny family, loaded once per session on the CPU and shared (as the studio shares it)."""
     return ModelZoo(tiny_zoo_spec, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, toybooru, tmp_path_factory):
+    """A studio engine on the tiny family, with a workspace of its own for the module."""
+    from studio.engine import Engine
+
+    return Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture(scope="module")
+def files(toybooru, toybooru_records) -> list[str]:
+    """Three Toybooru pictures that each give face, clothes and figure."""
+    from helpers import upright_pictures
+
+    return upright_pictures(toybooru, toybooru_records, 3)

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import serve
 from PIL import Image
 
-from studio.app import build_studio, launch
 from studio.engine import ComposeRequest, CropRequest, Engine, VaryRequest
 from studio.sweep import SweepRequest, plan
 
@@ -187,11 +186,8 @@ def _judge(case: Case, error: BaseException | None) -> str | None:
 def served(toybooru, tmp_path_factory):
     """The studio on the shipped demo family, served on a free port."""
     engine = Engine(data=str(toybooru), workspace=tmp_path_factory.mktemp("workspace"))
-    demo = build_studio(engine)
-    port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    yield engine, f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve(engine) as url:
+        yield engine, url
 
 
 def _raw_call(client, url: str, case: Case):

@@ -15,11 +15,10 @@ import pytest
 
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-test.txt)")
 
-from helpers import free_port
+from helpers import serve, upright_pictures
 from playwright.sync_api import expect, sync_playwright
 
 from scripts.screenshot import drop_files, launch_chromium, take
-from studio.app import build_studio, launch
 from studio.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,11 +37,8 @@ SEP = " · "  # between the parts of a picture's caption (``Picture.caption``)
 def studio_url(tiny_models, toybooru, tmp_path_factory):
     """The studio on the tiny family, served on a free port for the module."""
     engine = Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path_factory.mktemp("workspace"))
-    demo = build_studio(engine)
-    port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve(engine) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +48,8 @@ def train_studio_url(tiny_zoo_spec, toybooru, tmp_path_factory):
 
     engine = Engine(data=str(toybooru), models=ModelZoo(tiny_zoo_spec, device="cpu"),
                     workspace=tmp_path_factory.mktemp("train-workspace"))
-    demo = build_studio(engine)
-    port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve(engine) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +85,7 @@ def page(browser, studio_url, artifacts, request):
 @pytest.fixture(scope="module")
 def pictures(toybooru, toybooru_records) -> list[str]:
     """Three Toybooru pictures whose head lies in the upper half: each gives face, clothes and figure."""
-    high = [r for r in toybooru_records if r["face_bbox"][3] < r["height"] / 2][:3]
-    return [str(toybooru / r["file"]) for r in high]
+    return upright_pictures(toybooru, toybooru_records, 3)
 
 
 def image_size(img) -> tuple[int, int]:

@@ -5,23 +5,11 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 import pytest
-from helpers import Progress, free_port
+from helpers import Progress, serve
 from PIL import Image
 
 from studio import compose_tab, variations_tab
-from studio.app import build_studio, launch
 from studio.engine import Engine
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_models, toybooru, tmp_path_factory):
-    return Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path_factory.mktemp("workspace"))
-
-
-@pytest.fixture(scope="module")
-def files(toybooru, toybooru_records):
-    high = [r for r in toybooru_records if r["face_bbox"][3] < r["height"] / 2][:3]
-    return [str(toybooru / r["file"]) for r in high]
 
 
 def test_dropped_pictures_become_cards_that_can_be_changed_and_removed(engine, files):
@@ -67,11 +55,8 @@ def test_the_library_saves_and_loads_through_the_tab(engine, files):
 def test_served_studio_answers_crop_compose_and_vary(engine, files):
     from gradio_client import Client, handle_file
 
-    demo = build_studio(engine)
-    port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serve(engine) as url:
+        client = Client(url, verbose=False)
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert {"/crop", "/compose", "/vary", "/sweep", "/train_start", "/train_status", "/train_stop", "/data_open", "/data_record"} == set(endpoints)
         assert [p["parameter_name"] for p in endpoints["/compose"]["parameters"]][:8] == [
@@ -98,8 +83,6 @@ def test_served_studio_answers_crop_compose_and_vary(engine, files):
         variations = client.predict(handle_file(files[0]), 2, 0.5, 2, 3, api_name="/vary")
         assert [Image.open(v["image"]).size for v in variations] == [(32, 32)] * 2
         assert variations[1]["caption"].startswith("seed 4 ")
-    finally:
-        demo.close()
 
 
 def test_variations_handler_turns_errors_into_gr_error(engine, files):

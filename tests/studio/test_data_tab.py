@@ -3,10 +3,9 @@ import sys
 
 import gradio as gr
 import pytest
-from helpers import free_port
+from helpers import serve
 
 from studio import data_tab
-from studio.app import build_studio, launch
 from studio.engine import Engine, RecordRequest
 
 
@@ -91,11 +90,8 @@ def test_engine_does_not_import_gradio():
 def test_served_studio_answers_the_data_endpoints(engine, toybooru):
     from gradio_client import Client
 
-    demo = build_studio(engine)
-    port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serve(engine) as url:
+        client = Client(url, verbose=False)
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         # exactly the public endpoints: every other event is private
         assert set(endpoints) == {"/data_open", "/data_record", "/crop", "/compose", "/vary", "/sweep", "/train_start", "/train_status", "/train_stop"}
@@ -105,5 +101,3 @@ def test_served_studio_answers_the_data_endpoints(engine, toybooru):
         assert rec["id"] in title and [c["caption"] for c in crops][0] == "face"
         assert len(similar) == len(rec["similar"])
         assert [a["label"] for a in annotated["annotations"]] == ["figure", "head box"]
-    finally:
-        demo.close()

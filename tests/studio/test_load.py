@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import serve, upright_pictures
 from PIL import Image
 
-from studio.app import QUEUE_SIZE, build_studio, launch
+from studio.app import QUEUE_SIZE
 from studio.engine import Engine
 
 CLIENTS, CALLS, STEPS = 8, 3, 4
@@ -31,17 +31,13 @@ def _rss_mb() -> float:
 @pytest.fixture(scope="module")
 def served(toybooru, tmp_path_factory):
     engine = Engine(data=str(toybooru), workspace=tmp_path_factory.mktemp("workspace"))
-    demo = build_studio(engine)
-    port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve(engine) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def references(toybooru, toybooru_records) -> list[str]:
-    high = [r for r in toybooru_records if r["face_bbox"][3] < r["height"] / 2][:4]
-    return [str(toybooru / r["file"]) for r in high]
+    return upright_pictures(toybooru, toybooru_records, 4)
 
 
 def _call(url: str, references: list[str], user: int, k: int) -> np.ndarray:

@@ -7,26 +7,14 @@ import threading
 
 import gradio as gr
 import pytest
-from helpers import Progress, free_port
+from helpers import Progress, serve
 from PIL import Image
 
 from studio import compose_tab, sweep_tab
-from studio.app import build_studio, launch
-from studio.engine import ComposeRequest, Engine
+from studio.engine import ComposeRequest
 from studio.sweep import COLUMNS, METRICS, SWD_PAIRS, SweepRequest, parse_values, plan, run, write_csv
 
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_models, toybooru, tmp_path_factory):
-    return Engine(data=str(toybooru), models=tiny_models, workspace=tmp_path_factory.mktemp("workspace"))
-
-
-@pytest.fixture(scope="module")
-def files(toybooru, toybooru_records):
-    high = [r for r in toybooru_records if r["face_bbox"][3] < r["height"] / 2][:3]
-    return [str(toybooru / r["file"]) for r in high]
 
 
 def request(files, **kw) -> SweepRequest:
@@ -162,11 +150,8 @@ def test_the_tab_streams_table_plots_and_csv_cell_by_cell(engine, files):
 def test_served_sweep_endpoint_returns_one_row_per_cell(engine, files):
     from gradio_client import Client, handle_file
 
-    demo = build_studio(engine)
-    port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serve(engine) as url:
+        client = Client(url, verbose=False)
         refs = [handle_file(f) for f in files[:2]]
         out = client.predict("retrinet", "a girl", refs, ["face", "clothes"], None, "2, 4", "0.5, 1", 1, STEPS, 3,
                              api_name="/sweep")
@@ -183,8 +168,6 @@ def test_served_sweep_endpoint_returns_one_row_per_cell(engine, files):
         with pytest.raises(Exception, match="not a number"):
             client.predict("retrinet", "a girl", refs, ["face", "clothes"], None, "2, x", "1", 1, STEPS, 3,
                            api_name="/sweep")
-    finally:
-        demo.close()
     assert Image.open(files[0]).size == (96, 96)
 
 
