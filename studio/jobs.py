@@ -320,13 +320,24 @@ def _proc_start(pid: int) -> int | None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Does a live process of group ``pgid`` remain? (Zombies, which no signal can end, do not count.)"""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():  # pragma: no cover (no /proc: a zombie counts as alive)
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid pgrp ...": comm may hold spaces and brackets, so split after the last ")"
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -596,10 +607,16 @@ class JobManager:
                     fcntl.flock(f, fcntl.LOCK_UN)
 
     def _alive(self, job: dict[str, Any]) -> bool:
-        """Is the job's process still the one it started (not a reused pid)?"""
+        """Is a process of the job's current attempt still running: its own process (not a reused pid),
+        or any process of its group (``accelerate launch`` can end before the trainers it started)?"""
         pid = job.get("pid")
         if not isinstance(pid, int) or pid <= 0:
             return False
+        # the kernel does not give a pid out again while a group of that id lives, so a live group
+        # with the job's pgid is the job's
+        pgid = job.get("pgid")
+        if isinstance(pgid, int) and pgid > 0 and _group_alive(pgid):
+            return True
         proc = self._procs.get(job["id"])
         if proc is not None and proc.pid == pid:
             return proc.poll() is None
@@ -721,6 +738,8 @@ class JobManager:
 
     def _watch(self, job_id: str, attempt: int, proc: subprocess.Popen) -> None:
         code = proc.wait()
+        while _group_alive(proc.pid):  # the launcher has ended; the attempt ends with its last process
+            time.sleep(0.1)
         with self._lock:
             try:
                 job = self._read(job_id)
@@ -742,14 +761,14 @@ class JobManager:
             job["stop_requested"] = True
             job["message"] = "stopping"
             self._write(job)
-        pgid = job["pgid"]
+        pgid, attempt = job["pgid"], job["attempt"]
         _signal_group(pgid, signal.SIGTERM)
         if not self._wait_gone(job, timeout):
             _signal_group(pgid, signal.SIGKILL)
             self._wait_gone(job, 10.0)
         with self._lock:
             job = self._read(job_id)
-            if job["status"] == "running":
+            if job["status"] == "running" and job["attempt"] == attempt:  # not a later attempt started meanwhile
                 proc = self._procs.pop(job_id, None)
                 code = proc.poll() if proc is not None else None
                 self._close(job, code)

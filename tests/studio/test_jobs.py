@@ -62,11 +62,9 @@ def wait_for(manager: JobManager, job_id: str, done, timeout: float = 240.0):
 
 
 def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    """No live process of group ``pgid`` (by ``ps``; a zombie waiting for init to reap it does not count)."""
+    listing = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
+    return not any(int(g) == pgid and not st.startswith("Z") for g, st in (line.split() for line in listing.splitlines()))
 
 
 def long_toybooru(name: str = "big") -> ToybooruRequest:
@@ -405,3 +403,34 @@ def test_the_studio_lists_checkpoints_without_importing_accelerate():
     code = "import sys, studio.jobs; print(sorted(m for m in ('accelerate', 'training.core') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_job_runs_until_the_last_process_of_its_group_ends(manager, monkeypatch):
+    """``accelerate launch`` can end at SIGTERM before the trainer it started has saved and exited: the job is
+    shown running (and cannot be resumed into the same folder) until that trainer has ended too."""
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), sys.exit(0))); "
+             "print('child up', flush=True); time.sleep(600)")
+    launcher = ["-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+                      "time.sleep(600)"]
+    real = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: real([argv[0], *launcher], **kw))
+    job_id = manager.start(ToybooruRequest(name="launcher"))
+    monkeypatch.undo()  # started; group_gone runs ps
+    wait_for(manager, job_id, lambda s: "child up" in s.log)
+    record = json.loads((manager.jobs_dir / job_id / "job.json").read_text())
+    stopped = []
+    t0 = time.monotonic()
+    stopping = threading.Thread(target=lambda: stopped.append(manager.stop(job_id, timeout=30)))
+    stopping.start()
+    while jobs_module._proc_start(record["pid"]) is not None:  # the launcher ends at once
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.02)
+    assert not group_gone(record["pgid"])  # the child is still saving
+    assert manager.status(job_id).state == "running"
+    assert JobManager(manager.root).status(job_id).state == "running"  # another studio sees the same
+    with pytest.raises(ValueError, match="is running; stop it"):
+        manager.resume(job_id)
+    stopping.join(timeout=60)
+    st = stopped[0]
+    assert st.state == "stopped" and st.message == "stopped on request"  # no SIGKILL was needed
+    assert group_gone(record["pgid"]) and time.monotonic() - t0 < 30
