@@ -117,7 +117,12 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
     ``scheduler``. The folder round-trips through ``save_pretrained`` / ``from_pretrained``.
     """
 
-    model_cpu_offload_seq = "text_encoder->retrinet->unet->vae"
+    # RetriNet's cross-attentions and zero convolutions run inside the UNet's forward (hooks), and
+    # cached features skip RetriNet's own forward: an offload hook would leave them on the CPU while
+    # the UNet runs on the GPU. So RetriNet stays on the execution device (ControlNet's pipelines keep
+    # theirs out of the chain for the same reason) and the other models are offloaded one at a time.
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _exclude_from_cpu_offload = ["retrinet"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     # the prompt side is Stable Diffusion's, reused as is (textual inversion and LoRA included)

@@ -379,3 +379,17 @@ def test_bad_input_raises_value_error(pipe, kwargs, match):
     args = {"prompt": "1girl", "references": REFS, **CALL, **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe(**args)
+
+
+def test_model_cpu_offload_keeps_retrinet_on_the_execution_device(pipe):
+    """Offload moves one model at a time to the GPU when its forward runs; RetriNet's layers run inside the
+    UNet's forward and cached features skip RetriNet's own, so it must be on the device all along."""
+    perturb(pipe.retrinet)
+    expected = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")  # the same hooks as on a GPU; no GPU here
+    try:
+        assert not hasattr(pipe.retrinet, "_hf_hook")
+        assert all(hasattr(getattr(pipe, name), "_hf_hook") for name in ("text_encoder", "unet", "vae"))
+        assert torch.equal(run(pipe), expected) and torch.equal(run(pipe), expected)  # features from the cache
+    finally:
+        pipe.remove_all_hooks()
