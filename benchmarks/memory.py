@@ -311,8 +311,8 @@ What follows:
   mixed precision brings it to {_range(*t['configs'][2]['expected'])} (ControlNet: 20 GB), and an 8-bit Adam (not in
   the trainer) to {_range(*t['configs'][3]['expected'])} (ControlNet: 16 GB).
 - fp16 / bf16 halve weights and activations of the frozen models; model CPU offload bounds composition to the
-  largest model plus its activations (see the caution in the optimisations section); VAE tiling matters above
-  512 px, slicing at 512 px."""
+  largest model plus its activations and RetriNet (kept on the GPU; see the optimisations section); VAE tiling
+  matters above 512 px, slicing at 512 px."""
 
 
 if __name__ == "__main__":

@@ -387,10 +387,9 @@ The `sd15` family on a GPU (no GPU here; expected memory from the anchors, see t
 - **fp16** (the zoo's default on CUDA, `pipelines.zoo.pick_device`) halves weights and activations against fp32;
   **bf16** takes the same memory with fp32's range (no overflow in the VAE at 512 px and above) on Ampere and later.
 - **Model CPU offload** (`pipe.enable_model_cpu_offload()`) keeps one model on the GPU at a time: the peak becomes
-  the largest model (the UNet, 1.7 GB in fp16) plus its activations. Caution: RetriNet's cross-attentions run
-  inside the UNet's forward (hooks), while diffusers' offload moves `retrinet` back to the CPU when the `unet` is
-  called (`model_cpu_offload_seq = "text_encoder->retrinet->unet->vae"`), so as written the two would end up on
-  different devices; RetriNet and the UNet need to be offloaded as one unit (untested here: no GPU).
+  the largest model (the UNet, 1.7 GB in fp16) plus its activations, plus RetriNet, which stays on the GPU
+  (`_exclude_from_cpu_offload`): its cross-attentions run inside the UNet's forward (hooks) and cached features
+  skip its own forward, so an offload hook would leave them on the CPU. The hooks are tested on the CPU (no GPU here).
 - **VAE tiling** (`pipe.vae.enable_tiling()`) bounds the VAE's activations for pictures above 512 px; at 512 px the
   larger VAE cost is encoding the N references in one batch, which **VAE slicing** (`pipe.vae.enable_slicing()`,
   one picture at a time) cuts by N."""
