@@ -609,25 +609,25 @@ class JobManager:
     def _alive(self, job: dict[str, Any]) -> bool:
         """Is a process of the job's current attempt still running: its own process (not a reused pid),
         or any process of its group (``accelerate launch`` can end before the trainers it started)?"""
-        pid = job.get("pid")
+        pid, pgid = job.get("pid"), job.get("pgid")
         if not isinstance(pid, int) or pid <= 0:
             return False
-        # the kernel does not give a pid out again while a group of that id lives, so a live group
-        # with the job's pgid is the job's
-        pgid = job.get("pgid")
-        if isinstance(pgid, int) and pgid > 0 and _group_alive(pgid):
-            return True
         proc = self._procs.get(job["id"])
-        if proc is not None and proc.pid == pid:
-            return proc.poll() is None
+        if proc is not None and proc.pid == pid and proc.poll() is None:
+            return True
         if Path("/proc/self/stat").is_file():
             ticks = _proc_start(pid)
-            return ticks is not None and ticks == job.get("start_ticks")
-        try:  # pragma: no cover (no /proc: a reused pid cannot be told apart)
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True  # pragma: no cover
+            if ticks is not None:  # the pid runs: the job's own process, or another that was given the pid since
+                return ticks == job.get("start_ticks")
+        else:  # pragma: no cover (no /proc: a reused pid cannot be told apart)
+            try:
+                os.kill(pid, 0)
+                return True
+            except (ProcessLookupError, PermissionError):
+                pass
+        # the pid is free: the kernel gives no pid out while a group of that id lives, so a live group
+        # with the job's pgid (= its launcher's pid) is the job's
+        return isinstance(pgid, int) and pgid == pid and _group_alive(pgid)
 
     def _refresh(self, job: dict[str, Any]) -> dict[str, Any]:
         """Mark a job whose process has ended as ended (called under ``self._lock``)."""

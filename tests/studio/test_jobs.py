@@ -198,6 +198,14 @@ def test_a_killed_process_and_a_reused_pid_are_detected(manager):
     path.write_text(json.dumps({**record, "status": "running", "pid": os.getpid(), "pgid": os.getpid(),
                                 "start_ticks": 1}))
     assert JobManager(manager.root).status(job_id).state == "failed"
+    leader = subprocess.Popen(["sleep", "60"], start_new_session=True)  # the pid went to a new group's leader
+    try:
+        path.write_text(json.dumps({**record, "status": "running", "pid": leader.pid, "pgid": leader.pid,
+                                    "start_ticks": 1}))
+        assert JobManager(manager.root).status(job_id).state == "failed"
+    finally:
+        leader.kill()
+        leader.wait()
     path.write_text(json.dumps({**record, "status": "running", "pid": 2**22 + 12345, "start_ticks": None}))
     assert JobManager(manager.root).list_jobs()[0].state == "failed"
 
