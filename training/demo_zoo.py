@@ -63,6 +63,9 @@ class Stage:
         return ["python", "-m", self.module, *self.args]
 
 
+RETRINET_STEPS = 2000  # each of -b (shipped) and -a (the report's comparison): the same budget
+
+
 def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
     """The stages, with the settings the shipped demo family was built with."""
     data, data_det, runs = work / "toybooru", work / "toybooru-det", work / "runs"
@@ -78,25 +81,26 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
     base = runs / "base" / "pipeline"
     retrinet = ["--pretrained", str(base), "--data", str(data), "--task", "multitask", "--num-references", "4",
                 "--resolution", "64", "--retrieval-attention-heads", "4", "--gradient-accumulation-steps", "1",
-                "--restart-steps", "600", "--lr-warmup-steps", "20"]
+                "--restart-steps", str(RETRINET_STEPS), "--lr-warmup-steps", "20"]
     stages = [
         Stage("data", "training.data.toybooru",
               ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64"],
               lambda: (data / "annotations.jsonl").is_file()),
         Stage("vae", "training.train_vae", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
-                                            *common("vae", 1000, 32, 1e-3)],
+                                            *common("vae", 5000, 32, 1e-3, every=100)],
               ran("vae", "vae"), ("data",), runs / "vae"),
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 400, 128, 5e-4)],
               ran("clip", "clip"), ("data",), runs / "clip"),
         Stage("base", "training.train_text_to_image",
               ["--vae", str(runs / "vae" / "vae"), "--text-encoder", str(runs / "clip" / "clip"), "--data", str(data),
-               "--resolution", "64", "--lr-warmup-steps", "20", *common("base", 1200, 64, 5e-4)],
+               "--resolution", "64", "--lr-warmup-steps", "20", *common("base", 3200, 64, 5e-4, every=100)],
               ran("base", "pipeline"), ("vae", "clip"), runs / "base"),
-        Stage("retrinet", "training.train_retrinet", [*retrinet, "--setting", "b", *common("retrinet", 600, 16, 5e-4)],
+        Stage("retrinet", "training.train_retrinet",
+              [*retrinet, "--setting", "b", *common("retrinet", RETRINET_STEPS, 16, 5e-4, every=100)],
               ran("retrinet", "retrinet"), ("base",), runs / "retrinet"),
         Stage("retrinet-a", "training.train_retrinet",
-              [*retrinet, "--setting", "a", *common("retrinet-a", 600, 16, 5e-4)],
+              [*retrinet, "--setting", "a", *common("retrinet-a", RETRINET_STEPS, 16, 5e-4, every=100)],
               ran("retrinet-a", "retrinet"), ("base",), runs / "retrinet-a"),
         Stage("semantica", "training.train_semantica",
               ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(data),
