@@ -1,5 +1,6 @@
 """Helpers shared by tests (importable as `helpers`: conftest puts tests/ on the path)."""
 
+import contextlib
 from pathlib import Path
 
 
@@ -48,20 +49,15 @@ def upright_pictures(toybooru: Path, records: list[dict], n: int) -> list[str]:
     return [str(toybooru / r["file"]) for r in high]
 
 
+@contextlib.contextmanager
 def serve(engine):
-    """``engine``'s studio served on a free port: a context manager that gives its URL and closes it after."""
-    import contextlib
-
+    """``engine``'s studio served on a free port: gives its URL, and closes it after."""
     from studio.app import build_studio, launch
 
-    @contextlib.contextmanager
-    def served():
-        demo = build_studio(engine)
-        port = free_port()
-        launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-        try:
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            demo.close()
-
-    return served()
+    demo = build_studio(engine)
+    port = free_port()
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
