@@ -15,6 +15,9 @@
   base decoder), ``decoder`` (the UNet frozen), ``both`` (UNet and retrieval encoder frozen).
 - AdamW at 1e-4, cosine schedule restarted every ``--restart-steps`` (9000) without decay.
 - Checkpoints, exact resume and ``metrics.jsonl``: ``training.core``.
+- Every ``--validation-steps``: pictures from fixed test references (``validation/step-*.png``) and
+  the reference gap (``reference_gap``: how much of the loss a sample's own references explain
+  against another sample's), appended to ``validation/reference_gap.jsonl``.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder")
     g.add_argument("--logging-steps", type=int, default=1)
     g.add_argument("--report-to", choices=("none", "tensorboard", "all"), default="none")
-    g.add_argument("--validation-steps", type=int, default=None, help="validation pictures every so many steps")
+    g.add_argument("--validation-steps", type=int, default=None, help="validation pictures and the reference gap every so many steps")
     g.add_argument("--num-validation-images", type=int, default=2)
     g.add_argument("--validation-inference-steps", type=int, default=20)
     g.add_argument("--push-to-hub", action="store_true")
@@ -193,28 +196,104 @@ class RetriNetObjective:
         return retrinet_loss(pred, target, valid, face, self.args.face_loss_weight)
 
 
+GAP_TIMESTEPS = (300, 500, 700, 900)
+
+
+@torch.no_grad()
+def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler: SchedulerMixin,
+                  batch: dict[str, Any], timesteps: tuple[int, ...] = GAP_TIMESTEPS, face_loss_weight: float = 0.1,
+                  seed: int = 0) -> dict[str, Any]:
+    """Does the model read its references? The training loss (prompt "", Eq. 3) of a collated
+    ``RetriBooruDataset`` batch at fixed ``timesteps``, with the same noise under three conditions:
+
+    - ``own``: each sample's own references;
+    - ``other``: the references of the next sample in the batch (another character);
+    - ``none``: no references (retrieval scale 0, the base model with RetriNet's decoder).
+
+    ``gap`` = 1 - own / other, summed over the timesteps: the share of the loss that a sample's
+    own references explain. It is 0 when the model uses the retrieval path only generically
+    (``own`` = ``other`` < ``none``), and grows as it learns to copy what it is shown, long before
+    its pictures show it (seed 001 trains 9000 steps of batch 64). The batch needs at least two
+    samples, and neighbours should show different characters (a shuffled test split does).
+    """
+    pixels, refs = batch["pixel_values"], batch["reference_pixel_values"]
+    b, n = refs.shape[:2]
+    if b < 2:
+        raise ValueError(f"the reference gap needs at least 2 samples, got {b}")
+    if not timesteps:
+        raise ValueError("no timesteps given")
+    horizon = noise_scheduler.config.num_train_timesteps
+    if any(not 0 <= int(t) < horizon for t in timesteps):
+        raise ValueError(f"timesteps {tuple(timesteps)} must lie in 0..{horizon - 1}")
+    device, dtype = unet.device, unet.dtype
+    sf = vae.config.scaling_factor
+    latents = vae.encode(pixels.to(device, dtype)).latent_dist.mode() * sf
+    ref_latents = vae.encode(refs.flatten(0, 1).to(device, dtype)).latent_dist.mode() * sf
+    other_latents = ref_latents.view(b, n, *ref_latents.shape[1:]).roll(1, 0).flatten(0, 1)
+    concepts = [c for cs in batch["concepts"] for c in cs]
+    other_concepts = [c for cs in batch["concepts"][-1:] + batch["concepts"][:-1] for c in cs]
+    ehs = embed_texts(tokenizer, text_encoder, [""] * b, device)
+    size = latents.shape[-2:]
+    valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
+    face = to_latent_mask(batch["face_mask"].to(device), size, cover=True)
+    conditions = {"own": (ref_latents, concepts, 1.0), "other": (other_latents, other_concepts, 1.0),
+                  "none": (ref_latents, concepts, 0.0)}
+    prediction = noise_scheduler.config.prediction_type
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"samples": b, "timesteps": [int(t) for t in timesteps], **{k: [] for k in conditions}}
+    for tv in timesteps:
+        t = torch.full((b,), int(tv), device=device, dtype=torch.long)
+        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+        for name, (lat, words, scale) in conditions.items():
+            embeds = embed_texts(tokenizer, text_encoder, words, device)
+            pred = retrinet(lat, t, embeds, n, unet=unet, sample=noisy, encoder_hidden_states=ehs,
+                            retrieval_scale=scale)
+            out[name].append(retrinet_loss(pred, target, valid, face, face_loss_weight).item())
+    out["gap"] = 1.0 - sum(out["own"]) / sum(out["other"])
+    return out
+
+
 # ---------------------------------------------------------------------- validation and outputs
+
+def validation_dataset(data: str, split: str | None, args) -> RetriBooruDataset:
+    """The test split (or ``split``) as the validation reads it: fixed seed, setting -b."""
+    for sp in ("test", split):
+        try:
+            return RetriBooruDataset(data, sp, task="compose" if args.task != "recon" else "recon", setting="b",
+                                     num_references=args.num_references, resolution=args.resolution, seed=1234)
+        except ValueError:
+            continue
+    raise ValueError(f"{data} has no sample to take validation references from")
+
 
 def validation_references(data: str, split: str | None, args) -> tuple[str, list[Reference]]:
     """Fixed references (and the prompt of their target) from the first usable test sample."""
-    ds = None
-    for sp in ("test", split):
-        try:
-            ds = RetriBooruDataset(data, sp, task="compose" if args.task != "recon" else "recon", setting="b",
-                                   num_references=args.num_references, resolution=args.resolution, seed=1234)
-            break
-        except ValueError:
-            continue
-    if ds is None:
-        raise ValueError(f"{data} has no sample to take validation references from")
-    s = ds[0]
+    s = validation_dataset(data, split, args)[0]
     refs = [Reference(Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()), c)
             for x, c in zip(s["reference_pixel_values"], s["concepts"])]
     return s["prompt"], refs
 
 
+GAP_SAMPLES = 16
+
+
+def gap_batch(data: str, split: str | None, args, samples: int = GAP_SAMPLES) -> dict[str, Any] | None:
+    """A fixed batch for ``reference_gap``: ``samples`` validation samples spread over the split
+    (None if it has fewer than two)."""
+    ds = validation_dataset(data, split, args)
+    if len(ds) < 2:
+        return None
+    step = max(1, len(ds) // samples)
+    return collate([ds[i] for i in range(0, len(ds), step)][:samples])
+
+
 def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retrinet, weight_dtype):
-    prompt, refs = validation_references(args.data, None if args.split == "none" else args.split, args)
+    split = None if args.split == "none" else args.split
+    prompt, refs = validation_references(args.data, split, args)
+    batch = gap_batch(args.data, split, args)
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler", revision=args.revision)
     out = Path(args.output_dir) / "validation"
 
     def validate(step: int) -> None:
@@ -234,16 +313,24 @@ def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retri
             images = pipe(prompt, refs, num_images_per_prompt=args.num_validation_images, height=args.resolution,
                           width=args.resolution, num_inference_steps=args.validation_inference_steps,
                           generator=torch.Generator().manual_seed(args.seed)).images
+            gap = None if batch is None else reference_gap(
+                vae, text_encoder, tokenizer, pipe.unet, pipe.retrinet, noise_scheduler, batch,
+                face_loss_weight=args.face_loss_weight, seed=args.seed)
         finally:
             for m, w in zip((pipe.unet, pipe.retrinet), was_training):
                 m.train(w)
+        out.mkdir(parents=True, exist_ok=True)
+        if gap is not None:
+            logger.info("step %d: reference gap %.4f (own %s, other %s)", step, gap["gap"],
+                        [round(x, 4) for x in gap["own"]], [round(x, 4) for x in gap["other"]])
+            with open(out / "reference_gap.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **gap}) + "\n")
         tiles = [r.image for r in refs] + list(images)
         s = args.resolution
         grid = Image.new("RGB", (s * max(len(refs), len(images)), 2 * s), "white")
         for i, im in enumerate(tiles):
             row, col = (0, i) if i < len(refs) else (1, i - len(refs))
             grid.paste(im.resize((s, s)), (col * s, row * s))
-        out.mkdir(parents=True, exist_ok=True)
         grid.save(out / f"step-{step:06d}.png")
         (out / "prompt.txt").write_text(prompt + "\n" + ", ".join(r.concept for r in refs) + "\n")
 

@@ -255,6 +255,8 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
         assert figures[key]["pictures"] > 0
     assert set(figures["settings"]) == {"a", "b"} and "SWD(CLIP-I, CLIP-T)" in figures["settings"]["b"]
     assert "semantica" in figures
+    assert set(figures["reference_gap"]) == {"a", "b"} and -1 < figures["prompt_gap"] < 1
+    assert figures["reference_gap"]["b"]["samples"] >= 2 and len(figures["reference_gap"]["b"]["own"]) == 4
     ceiling = figures["vae_ceiling"]
     assert ceiling["pictures"] > 0 and ceiling["mse"] >= 0
     assert set(ceiling["real"]) == set(ceiling["reconstructed"]) and 0 <= ceiling["real"]["hair_color"] <= 1
@@ -263,5 +265,6 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
         assert 0 <= figures[key]["three_colours"] <= 1, key
     report = (out / "REPORT.md").read_text()
     assert "## RetriNet: composition" in report and "report/composition-in.png" in report
+    assert "## Do the references matter? (the reference gap)" in report and "| -a | **" in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from pipelines.retrinet import RetriNetModel
 from helpers import kill_when
 from training.core import list_checkpoints, read_metrics, resolve_checkpoint
-from training.train_retrinet import RetriNetObjective, load_base, main, parse_args
+from training.train_retrinet import RetriNetObjective, load_base, main, parse_args, reference_gap
 from training.data.retribooru import RetriBooruDataset, collate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +67,48 @@ def test_loss_halves_on_one_fixed_batch(tiny_sd, toybooru):
         optimizer.step()
         curve.append(loss.item())
     assert curve[-1] <= 0.5 * curve[0], curve[::10]
+
+
+def _gap_parts(tiny_sd, toybooru):
+    vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(str(tiny_sd))
+    torch.manual_seed(0)
+    retrinet = RetriNetModel.from_unet(unet)
+    ds = RetriBooruDataset(toybooru, "test", task="multitask", num_references=2, resolution=32)
+    return (vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler), ds
+
+
+def test_reference_gap_compares_own_other_and_no_references(tiny_sd, toybooru):
+    parts, ds = _gap_parts(tiny_sd, toybooru)
+    retrinet = parts[4]
+    batch = collate([ds[0], ds[len(ds) // 2]])
+    assert batch["reference_ids"][0] != batch["reference_ids"][1]
+    fresh = reference_gap(*parts, batch, timesteps=(100, 900))
+    assert fresh["samples"] == 2 and fresh["timesteps"] == [100, 900]
+    # zero convolutions: RetriNet is exactly the base model, whatever it is shown
+    assert fresh["own"] == fresh["other"] == fresh["none"] and fresh["gap"] == 0.0
+    with torch.no_grad():
+        for conv in [*retrinet.zero_convs, retrinet.mid_zero_conv]:
+            conv.weight.normal_(0, 0.3)
+    opened = reference_gap(*parts, batch, timesteps=(100, 900))
+    assert opened["own"] != opened["none"] and opened["own"] != opened["other"]
+    assert opened["gap"] == pytest.approx(1 - sum(opened["own"]) / sum(opened["other"]))
+    assert reference_gap(*parts, batch, timesteps=(100, 900)) == opened  # fixed noise: repeatable
+    # when every sample is shown the same references, "another sample's" are its own: no gap
+    same = collate([ds[0], ds[0]])
+    twin = reference_gap(*parts, same, timesteps=(100, 900))
+    assert twin["own"] == pytest.approx(twin["other"], rel=1e-5) and twin["own"] != twin["none"]
+    assert twin["gap"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reference_gap_rejects_bad_input(tiny_sd, toybooru):
+    parts, ds = _gap_parts(tiny_sd, toybooru)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        reference_gap(*parts, collate([ds[0]]))
+    batch = collate([ds[0], ds[1]])
+    with pytest.raises(ValueError, match="no timesteps"):
+        reference_gap(*parts, batch, timesteps=())
+    with pytest.raises(ValueError, match=r"0\.\.999"):
+        reference_gap(*parts, batch, timesteps=(500, 1000))
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tiny_sd, toybooru, tmp_path):
@@ -213,5 +255,8 @@ def test_validation_pictures_and_push_to_hub(tiny_sd, toybooru, tmp_path, monkey
     from PIL import Image
 
     assert Image.open(grid).size == (2 * 32, 2 * 32)
+    gaps = [json.loads(line) for line in (tmp_path / "validation" / "reference_gap.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in gaps] == [2] and gaps[0]["samples"] >= 2
+    assert len(gaps[0]["own"]) == len(gaps[0]["other"]) == len(gaps[0]["none"]) == 4 and -1 < gaps[0]["gap"] < 1
     assert result["hub_repo"] == "user/retrinet-test"
     assert calls["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["ignore_patterns"]
