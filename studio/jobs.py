@@ -252,6 +252,7 @@ class JobStatus:
     request: dict[str, Any]
     log: list[str] = field(default_factory=list)  # the last lines of log.txt
     losses: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "lr"} from metrics.jsonl
+    reference_gaps: list[dict[str, float]] = field(default_factory=list)  # {"step", "gap"}: RetriNet validations
     checkpoints: list[str] = field(default_factory=list)  # complete "checkpoint-N" folders, newest first
     pictures: list[str] = field(default_factory=list)  # validation pictures (data jobs: a few samples / report)
     step: int | None = None
@@ -376,26 +377,36 @@ def _tail(path: Path, lines: int, max_bytes: int = 64 * 1024) -> list[str]:
     return out[-lines:] if lines else []
 
 
-def read_losses(path: Path) -> list[dict[str, float]]:
-    """``{"step", "loss", "lr"}`` of each well-formed line of a ``metrics.jsonl`` (a half-written last
-    line, or any broken one, is skipped)."""
-    out: list[dict[str, float]] = []
+def _records(path: Path):
+    """The well-formed records (dicts with an integer ``step``) of a JSON-lines file; a half-written
+    last line, or any broken one, is skipped; a missing file has none."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return out
+        return
     for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec["step"], bool):
-            continue
-        loss, lr = rec.get("loss"), rec.get("lr")
-        if isinstance(loss, (int, float)) and math.isfinite(loss):
-            out.append({"step": rec["step"], "loss": float(loss),
-                        "lr": float(lr) if isinstance(lr, (int, float)) and math.isfinite(lr) else None})
-    return out
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+            yield rec
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_losses(path: Path) -> list[dict[str, float]]:
+    """``{"step", "loss", "lr"}`` of each well-formed line of a ``metrics.jsonl``."""
+    return [{"step": rec["step"], "loss": float(rec["loss"]), "lr": float(rec["lr"]) if _finite(rec.get("lr")) else None}
+            for rec in _records(path) if _finite(rec.get("loss"))]
+
+
+def read_gaps(path: Path) -> list[dict[str, float]]:
+    """``{"step", "gap"}`` of each well-formed line of a RetriNet run's ``validation/reference_gap.jsonl``
+    (``training.train_retrinet.reference_gap``: how much of the loss a sample's own references explain)."""
+    return [{"step": rec["step"], "gap": float(rec["gap"])} for rec in _records(path) if _finite(rec.get("gap"))]
 
 
 # ---------------------------------------------------------------------- the manager
@@ -839,6 +850,7 @@ class JobManager:
             st.result = str(result.parent if job["kind"] in TRAINERS else out)
         if job["kind"] in TRAINERS:
             st.losses = read_losses(out / "metrics.jsonl")
+            st.reference_gaps = read_gaps(out / "validation" / "reference_gap.jsonl")
             st.checkpoints = [p.name for _, p in reversed(list_checkpoints(out))]
             st.pictures = [str(p) for p in sorted((out / "validation").glob("step-*.png"))] \
                 if (out / "validation").is_dir() else []

@@ -165,6 +165,11 @@ def summary(st: JobStatus) -> str:
         lines.append(f"*{st.message}*")
     if st.losses:
         lines.append(f"last loss {st.losses[-1]['loss']:.4f}")
+    if st.reference_gaps:
+        g = st.reference_gaps[-1]
+        lines.append(f"reference gap {100 * g['gap']:.1f} % at step {g['step']} (the share of the loss that a "
+                     f"sample's own references explain, against another sample's; 0 % while RetriNet does not "
+                     f"read them yet)")
     lines.append(f"output: `{st.output_dir}`" + (f" · result: `{st.result}`" if st.result else ""))
     return "\n\n".join(lines)
 

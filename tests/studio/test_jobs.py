@@ -25,6 +25,7 @@ from studio.jobs import (
     TrainRequest,
     bases_from_spec,
     list_checkpoints,
+    read_gaps,
     read_losses,
 )
 
@@ -86,6 +87,7 @@ def test_a_run_checkpoints_stops_resumes_and_its_checkpoint_composes(manager, to
     assert [(j.id, j.state, j.name) for j in again.list_jobs()] == [(job_id, "running", "tiny")]
     st = wait_for(again, job_id, lambda s: s.pictures)  # validation grids, as train_retrinet writes them
     assert Path(st.pictures[0]).name == "step-000002.png"
+    assert st.reference_gaps[0]["step"] == 2 and -1 < st.reference_gaps[0]["gap"] < 1  # written before the grid
 
     pgid = json.loads((manager.jobs_dir / job_id / "job.json").read_text())["pgid"]
     st = again.stop(job_id, timeout=20)
@@ -395,6 +397,11 @@ def test_losses_and_checkpoints_are_read_tolerantly(tmp_path):
                        '{"step": 3, "loss": 0.25}\n{"step": 4, "lo')
     assert read_losses(metrics) == [{"step": 1, "loss": 0.5, "lr": 0.001}, {"step": 3, "loss": 0.25, "lr": None}]
     assert read_losses(tmp_path / "missing.jsonl") == []
+    gaps = tmp_path / "reference_gap.jsonl"
+    gaps.write_text('{"step": 100, "gap": 0.01, "own": [0.1]}\n{"step": 200, "gap": Infinity}\n{"step": true, "gap": 0.5}\n'
+                    '{"step": 300, "gap": 0.05}\n{"step": 400, "ga')
+    assert read_gaps(gaps) == [{"step": 100, "gap": 0.01}, {"step": 300, "gap": 0.05}]
+    assert read_gaps(tmp_path / "missing.jsonl") == []
     for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), (".checkpoint-12.tmp", True),
                            ("checkpoint-11", False), ("checkpoint-x", True)):
         (tmp_path / name).mkdir()

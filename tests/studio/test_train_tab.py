@@ -107,6 +107,9 @@ def test_status_helpers(tmp_path):
     frame = train_tab.loss_frame(st)
     assert len(frame) <= 2001 and frame["step"].iloc[0] == 1 and frame["step"].iloc[-1] == 5000
     assert "step 5000 of 10000 (50 %)" in train_tab.summary(st) and "attempt 2" in train_tab.summary(st)
+    assert "reference gap" not in train_tab.summary(st)
+    st.reference_gaps = [{"step": 2000, "gap": 0.0123}, {"step": 4000, "gap": 0.0456}]
+    assert "reference gap 4.6 % at step 4000" in train_tab.summary(st)  # the newest
     assert train_tab.checkpoint_choices(st) == ["latest", "checkpoint-4000", "checkpoint-2000"]
     st.result = str(tmp_path / "retrinet")
     assert train_tab.checkpoint_choices(st)[0] == "final"
