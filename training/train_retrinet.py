@@ -227,12 +227,13 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
         raise ValueError(f"timesteps {tuple(timesteps)} must lie in 0..{horizon - 1}")
     device, dtype = unet.device, unet.dtype
     sf = vae.config.scaling_factor
-    latents = vae.encode(pixels.to(device, dtype)).latent_dist.mode() * sf
-    ref_latents = vae.encode(refs.flatten(0, 1).to(device, dtype)).latent_dist.mode() * sf
+    # in mixed-precision training the frozen VAE and text encoder may be in half precision, the trained UNet not
+    latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode().to(dtype) * sf
+    ref_latents = vae.encode(refs.flatten(0, 1).to(device, vae.dtype)).latent_dist.mode().to(dtype) * sf
     other_latents = ref_latents.view(b, n, *ref_latents.shape[1:]).roll(1, 0).flatten(0, 1)
     concepts = [c for cs in batch["concepts"] for c in cs]
     other_concepts = [c for cs in batch["concepts"][-1:] + batch["concepts"][:-1] for c in cs]
-    ehs = embed_texts(tokenizer, text_encoder, [""] * b, device)
+    ehs = embed_texts(tokenizer, text_encoder, [""] * b, device).to(dtype)
     size = latents.shape[-2:]
     valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
     face = to_latent_mask(batch["face_mask"].to(device), size, cover=True)
@@ -247,7 +248,7 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
         for name, (lat, words, scale) in conditions.items():
-            embeds = embed_texts(tokenizer, text_encoder, words, device)
+            embeds = embed_texts(tokenizer, text_encoder, words, device).to(dtype)
             pred = retrinet(lat, t, embeds, n, unet=unet, sample=noisy, encoder_hidden_states=ehs,
                             retrieval_scale=scale)
             out[name].append(retrinet_loss(pred, target, valid, face, face_loss_weight).item())

@@ -98,6 +98,10 @@ def test_reference_gap_compares_own_other_and_no_references(tiny_sd, toybooru):
     twin = reference_gap(*parts, same, timesteps=(100, 900))
     assert twin["own"] == pytest.approx(twin["other"], rel=1e-5) and twin["own"] != twin["none"]
     assert twin["gap"] == pytest.approx(0.0, abs=1e-5)
+    # mixed precision: the frozen VAE and text encoder in half precision, the trained models in float32
+    vae, text_encoder = parts[0].to(torch.bfloat16), parts[1].to(torch.bfloat16)
+    half = reference_gap(vae, text_encoder, *parts[2:], batch, timesteps=(100, 900))
+    assert half["own"] == pytest.approx(opened["own"], rel=0.05) and half["own"] != half["other"]
 
 
 def test_reference_gap_rejects_bad_input(tiny_sd, toybooru):
