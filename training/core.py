@@ -485,3 +485,40 @@ class WithLoss(torch.nn.Module):
 
     def forward(self, *inputs, **kwargs) -> torch.Tensor:
         return self.loss(self.model, *inputs, **kwargs)
+
+
+# ---------------------------------------------------------------------- diffusion loss weighting
+
+WEIGHTINGS = ("uniform", "min-snr", "p2")
+
+
+def timestep_weights(noise_scheduler, timesteps: torch.Tensor, weighting: str = "uniform",
+                     snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights (B,) of a diffusion MSE at ``timesteps``, for the scheduler's prediction type:
+
+    - ``uniform``: 1, the plain objective;
+    - ``min-snr``: min(SNR, ``snr_gamma``) / SNR for epsilon, / (SNR + 1) for v (Hang et al., 2023):
+      the low-noise timesteps, whose loss is large and mostly about fine detail, count less;
+    - ``p2``: 1 / (1 + SNR) for epsilon, times SNR / (SNR + 1) for v, then scaled to mean 1 over all
+      timesteps (Choi et al., 2022, k = gamma = 1): the loss of the high-noise timesteps, where
+      colours and layout are decided and the epsilon loss is small, is no longer drowned by the
+      low-noise ones.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+    if weighting == "uniform":
+        return torch.ones(timesteps.shape[0], device=timesteps.device)
+    from diffusers.training_utils import compute_snr
+
+    v = noise_scheduler.config.prediction_type == "v_prediction"
+    if weighting == "min-snr":
+        if snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
+        snr = compute_snr(noise_scheduler, timesteps)
+        return torch.minimum(snr, torch.full_like(snr, snr_gamma)) / (snr + 1 if v else snr)
+
+    def p2(snr: torch.Tensor) -> torch.Tensor:
+        return (snr / (snr + 1) if v else torch.ones_like(snr)) / (1 + snr)
+
+    every = torch.arange(noise_scheduler.config.num_train_timesteps, device=timesteps.device)
+    return p2(compute_snr(noise_scheduler, timesteps)) / p2(compute_snr(noise_scheduler, every)).mean()

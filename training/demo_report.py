@@ -170,7 +170,7 @@ def prompt_gap(base, batch: dict[str, Any], seed: int) -> float:
     from diffusers import DDPMScheduler
 
     from pipelines.retrinet import embed_texts
-    from training.train_retrinet import GAP_TIMESTEPS, retrinet_loss, to_latent_mask
+    from training.train_retrinet import GAP_TIMESTEPS, relative_gap, retrinet_loss, to_latent_mask
 
     sched = DDPMScheduler.from_config(base.scheduler.config)
     latents = base.vae.encode(batch["pixel_values"]).latent_dist.mode() * base.vae.config.scaling_factor
@@ -181,15 +181,15 @@ def prompt_gap(base, batch: dict[str, Any], seed: int) -> float:
     valid = to_latent_mask(batch["valid_mask"], size, cover=False)
     face = to_latent_mask(batch["face_mask"], size, cover=True)
     generator = torch.Generator().manual_seed(seed)
-    totals = [0.0, 0.0]
+    losses: list[list[float]] = [[], []]
     for tv in GAP_TIMESTEPS:
         t = torch.full((latents.shape[0],), tv, dtype=torch.long)
         noise = torch.randn(latents.shape, generator=generator)
         noisy = sched.add_noise(latents, noise, t)
         for i, ehs in enumerate((own, other)):
-            totals[i] += retrinet_loss(base.unet(noisy, t, encoder_hidden_states=ehs).sample, noise, valid, face,
-                                       0.1).item()
-    return 1.0 - totals[0] / totals[1]
+            losses[i].append(retrinet_loss(base.unet(noisy, t, encoder_hidden_states=ehs).sample, noise, valid,
+                                           face, 0.1).item())
+    return relative_gap(*losses)
 
 
 def retrinet_pipeline(folder: Path):
@@ -392,7 +392,7 @@ def render(f: dict[str, Any]) -> str:
         lines += ["## Do the references matter? (the reference gap)", "",
                   f"The training loss (prompt \"\") on {next(iter(g.values()))['samples']} multitask test samples at "
                   "fixed timesteps and noise, with each sample's own references, with another sample's, and with "
-                  "none (`training.train_retrinet.reference_gap`). The gap, 1 - own / other over the timesteps, is the "
+                  "none (`training.train_retrinet.reference_gap`). The gap, 1 - own / other averaged over the timesteps, is the "
                   "share of the loss that a sample's own references explain: 0 when the model reads its references "
                   "only generically."
                   + (f" For scale, the same measure of the base model's prompt (its own full tag prompt against "

@@ -8,7 +8,8 @@
 - Data: ``training.data.retribooru`` (tasks recon / compose / multitask, settings a / b).
 - Loss (seed 001, Eq. 3): MSE(eps * M_valid, pred * M_valid) + lambda * MSE(eps * M_face,
   pred * M_face), on epsilon or v as the scheduler predicts; both masks are brought to the latent
-  size; lambda = ``--face-loss-weight`` (0.1, seed 002 A.4).
+  size; lambda = ``--face-loss-weight`` (0.1, seed 002 A.4). ``--timestep-weighting min-snr`` or
+  ``p2`` weights each sample by its timestep (the default, ``uniform``, is Eq. 3 as written).
 - The prompt is dropped (replaced by "") with probability ``--prompt-dropout`` (0.5); the
   references are always kept, as at inference with classifier-free guidance.
 - What trains: ``--lock none`` (retrieval encoder, cross-attentions, zero convolutions and the
@@ -42,7 +43,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.concepts import CONCEPTS
 from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
-from training.core import Trainer, TrainerConfig, make_accelerator, read_metrics
+from training.core import WEIGHTINGS, Trainer, TrainerConfig, make_accelerator, read_metrics, timestep_weights
 from training.data.retribooru import RetriBooruDataset, collate
 
 logger = logging.getLogger("train_retrinet")
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dataloader-num-workers", type=int, default=0)
     g = p.add_argument_group("objective")
     g.add_argument("--face-loss-weight", type=float, default=0.1, help="lambda of seed 001, Eq. 3")
+    g.add_argument("--timestep-weighting", choices=WEIGHTINGS, default="uniform",
+                   help="uniform: Eq. 3 as written; min-snr (--snr-gamma) or p2: weight each sample by its timestep "
+                        "(training.core.timestep_weights)")
+    g.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --timestep-weighting min-snr")
     g.add_argument("--prompt-dropout", type=float, default=0.5, help="probability of training without the prompt")
     g.add_argument("--lock", choices=tuple(LOCKS), default="none", help="none | decoder | both (seed 001, Table 3)")
     g = p.add_argument_group("optimisation")
@@ -108,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--prompt-dropout must be between 0 and 1")
     if args.face_loss_weight < 0:
         p.error("--face-loss-weight must not be negative")
+    if args.snr_gamma <= 0:
+        p.error("--snr-gamma must be positive")
     if args.num_references > args.max_references:
         p.error(f"--num-references {args.num_references} exceeds --max-references {args.max_references}")
     return args
@@ -149,10 +156,15 @@ def to_latent_mask(mask: torch.Tensor, size: tuple[int, int], cover: bool) -> to
 
 
 def retrinet_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, face: torch.Tensor,
-                  face_weight: float) -> torch.Tensor:
-    """Seed 001, Eq. 3: L(eps M_tgt, pred M_tgt) + lambda L(eps M_face, pred M_face), L = MSE."""
-    pred, target = pred.float(), target.float()
-    return F.mse_loss(pred * valid, target * valid) + face_weight * F.mse_loss(pred * face, target * face)
+                  face_weight: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Seed 001, Eq. 3: L(eps M_tgt, pred M_tgt) + lambda L(eps M_face, pred M_face), L = MSE;
+    with ``weights`` (B,), each sample's share is weighted (``training.core.timestep_weights``)."""
+    if weights is None:
+        pred, target = pred.float(), target.float()
+        return F.mse_loss(pred * valid, target * valid) + face_weight * F.mse_loss(pred * face, target * face)
+    err = (pred.float() - target.float()) ** 2
+    per_sample = (err * valid).mean(dim=(1, 2, 3)) + face_weight * (err * face).mean(dim=(1, 2, 3))
+    return (per_sample * weights.to(per_sample.device)).mean()
 
 
 class RetriNetObjective:
@@ -193,10 +205,17 @@ class RetriNetObjective:
         size = latents.shape[-2:]
         valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
         face = to_latent_mask(batch["face_mask"].to(device), size, cover=True)
-        return retrinet_loss(pred, target, valid, face, self.args.face_loss_weight)
+        weights = None if self.args.timestep_weighting == "uniform" else \
+            timestep_weights(self.noise_scheduler, t, self.args.timestep_weighting, self.args.snr_gamma)
+        return retrinet_loss(pred, target, valid, face, self.args.face_loss_weight, weights)
 
 
 GAP_TIMESTEPS = (300, 500, 700, 900)
+
+
+def relative_gap(own: list[float], other: list[float]) -> float:
+    """The mean over timesteps of 1 - own / other (0 where both are 0)."""
+    return sum(1.0 - o / x if x else 0.0 for o, x in zip(own, other)) / len(own)
 
 
 @torch.no_grad()
@@ -210,8 +229,9 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
     - ``other``: the references of the next sample in the batch (another character);
     - ``none``: no references (retrieval scale 0, the base model with RetriNet's decoder).
 
-    ``gap`` = 1 - own / other, summed over the timesteps: the share of the loss that a sample's
-    own references explain. It is 0 when the model uses the retrieval path only generically
+    ``gap`` = the mean over the timesteps of 1 - own / other: the share of the loss that a sample's
+    own references explain (each timestep counts the same, so the high-noise ones, where a
+    picture's colours and layout are decided and the loss is small, are not drowned). It is 0 when the model uses the retrieval path only generically
     (``own`` = ``other`` < ``none``), and grows as it learns to copy what it is shown, long before
     its pictures show it (seed 001 trains 9000 steps of batch 64). The batch needs at least two
     samples, and neighbours should show different characters (a shuffled test split does).
@@ -252,7 +272,7 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
             pred = retrinet(lat, t, embeds, n, unet=unet, sample=noisy, encoder_hidden_states=ehs,
                             retrieval_scale=scale)
             out[name].append(retrinet_loss(pred, target, valid, face, face_loss_weight).item())
-    out["gap"] = 1.0 - sum(out["own"]) / sum(out["other"])
+    out["gap"] = relative_gap(out["own"], out["other"])
     return out
 
 

@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
-from diffusers.training_utils import compute_snr
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.components import DEMO_UNET, SD15_SCHEDULER
 from pipelines.retrinet import embed_texts
 from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
-                           trainer_config)
+                           timestep_weights, trainer_config)
 from training.data.images import TaggedImages, collate_images
 
 logger = logging.getLogger("train_text_to_image")
@@ -120,9 +119,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, ehs: torch.Tens
     pred = unet(noisy, t, ehs).sample
     if not snr_gamma:
         return F.mse_loss(pred.float(), target.float())
-    snr = compute_snr(noise_scheduler, t)
-    weight = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-    weight = weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
+    weight = timestep_weights(noise_scheduler, t, "min-snr", snr_gamma)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
 

@@ -69,6 +69,52 @@ def test_loss_halves_on_one_fixed_batch(tiny_sd, toybooru):
     assert curve[-1] <= 0.5 * curve[0], curve[::10]
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_timestep_weights(prediction):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from training.core import timestep_weights
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction)
+    t = torch.tensor([0, 100, 500, 900, 999])
+    snr = compute_snr(sched, t)
+    assert torch.equal(timestep_weights(sched, t, "uniform"), torch.ones(5))
+    minsnr = timestep_weights(sched, t, "min-snr", 5.0)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction == "v_prediction" else snr)
+    assert torch.allclose(minsnr, expected)
+    if prediction == "epsilon":
+        assert minsnr[0] < 0.01 and torch.allclose(minsnr[2:], torch.ones(3))  # only the low-noise steps count less
+    every = torch.arange(1000)
+    p2 = timestep_weights(sched, every, "p2")
+    assert p2.mean().item() == pytest.approx(1.0, rel=1e-5)
+    if prediction == "epsilon":
+        assert torch.all(p2[1:] >= p2[:-1]) and p2[900] > 50 * p2[0]  # more noise, more weight
+    with pytest.raises(ValueError, match="unknown weighting"):
+        timestep_weights(sched, t, "snr")
+    with pytest.raises(ValueError, match="snr_gamma"):
+        timestep_weights(sched, t, "min-snr", 0.0)
+
+
+def test_weighted_loss_is_eq3_with_unit_weights_and_runs_in_training(tiny_sd, toybooru, tmp_path):
+    from training.train_retrinet import retrinet_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    valid, face = (torch.rand(3, 1, 4, 4, generator=g) > 0.5).float(), (torch.rand(3, 1, 4, 4, generator=g) > 0.8).float()
+    plain = retrinet_loss(pred, target, valid, face, 0.1)
+    assert retrinet_loss(pred, target, valid, face, 0.1, torch.ones(3)).item() == pytest.approx(plain.item(), rel=1e-6)
+    only_first = retrinet_loss(pred, target, valid, face, 0.1, torch.tensor([3.0, 0.0, 0.0]))
+    assert only_first.item() == pytest.approx(retrinet_loss(pred[:1], target[:1], valid[:1], face[:1], 0.1).item(),
+                                              rel=1e-6)
+    result = main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--max-train-steps", 2, "--timestep-weighting", "p2")))
+    assert result["global_step"] == 2 and all(r["loss"] > 0 for r in read_metrics(tmp_path / "metrics.jsonl"))
+    assert "--timestep-weighting p2" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        parse_args(argv(tiny_sd, toybooru, tmp_path, "--timestep-weighting", "snr"))
+
+
 def _gap_parts(tiny_sd, toybooru):
     vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(str(tiny_sd))
     torch.manual_seed(0)
@@ -91,7 +137,7 @@ def test_reference_gap_compares_own_other_and_no_references(tiny_sd, toybooru):
             conv.weight.normal_(0, 0.3)
     opened = reference_gap(*parts, batch, timesteps=(100, 900))
     assert opened["own"] != opened["none"] and opened["own"] != opened["other"]
-    assert opened["gap"] == pytest.approx(1 - sum(opened["own"]) / sum(opened["other"]))
+    assert opened["gap"] == pytest.approx(sum(1 - o / x for o, x in zip(opened["own"], opened["other"])) / 2)
     assert reference_gap(*parts, batch, timesteps=(100, 900)) == opened  # fixed noise: repeatable
     # when every sample is shown the same references, "another sample's" are its own: no gap
     same = collate([ds[0], ds[0]])
