@@ -8,8 +8,10 @@ The latent-diffusion objective of Rombach et al. (2022), as diffusers'
 frozen, the UNet predicts the noise added to a picture's latent at a random timestep, conditioned
 on the last hidden states of the text encoder for the picture's tag caption. The caption is
 replaced by "" with probability ``--caption-dropout`` (so classifier-free guidance works), tags
-are dropped one by one with ``--tag-dropout`` (so short prompts work), and ``--snr-gamma``
-weights the loss by min(SNR, gamma) / SNR (Hang et al., 2023), which speeds up convergence.
+are dropped one by one with ``--tag-dropout`` (so short prompts work), and the loss is weighted
+by timestep (``--timestep-weighting``): by default min(SNR, ``--snr-gamma``) / SNR (Hang et al.,
+2023), which speeds up convergence; ``p2`` (Choi et al., 2022) moves more weight to the
+high-noise timesteps; ``uniform`` (or ``--snr-gamma 0``) is the plain MSE.
 
 Components come from ``--pretrained`` (a Stable Diffusion folder or Hub id, to fine-tune) or
 from parts: ``--vae`` (an ``AutoencoderKL`` folder), ``--text-encoder`` (a ``CLIPTextModel`` or
@@ -36,7 +38,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipelines.components import DEMO_UNET, SD15_SCHEDULER
 from pipelines.retrinet import embed_texts
 from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
-                           timestep_weights, trainer_config)
+                           WEIGHTINGS, timestep_weights, trainer_config)
 from training.data.images import TaggedImages, collate_images
 
 logger = logging.getLogger("train_text_to_image")
@@ -57,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resolution", type=int, default=64)
     g.add_argument("--caption-dropout", type=float, default=0.1)
     g.add_argument("--tag-dropout", type=float, default=0.1)
-    g.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting (0: plain MSE)")
+    g.add_argument("--timestep-weighting", choices=WEIGHTINGS, default="min-snr",
+                   help="weight of each sample's loss by its timestep (training.core.timestep_weights)")
+    g.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of min-snr weighting (0: plain MSE)")
     add_training_arguments(p, learning_rate=5e-4, batch_size=64, max_train_steps=2000, checkpointing_steps=100)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
@@ -107,8 +111,10 @@ def load_components(args):
     return vae, text_encoder, tokenizer, unet, noise_scheduler
 
 
-def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, ehs: torch.Tensor, snr_gamma: float) -> torch.Tensor:
-    """The noise-prediction MSE at a random timestep, min-SNR weighted when ``snr_gamma`` > 0."""
+def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, ehs: torch.Tensor, snr_gamma: float,
+                   weighting: str = "min-snr") -> torch.Tensor:
+    """The noise-prediction MSE at a random timestep, weighted by ``weighting`` (``timestep_weights``;
+    min-SNR with ``snr_gamma`` 0 is the plain MSE)."""
     noise = torch.randn_like(latents)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
@@ -117,9 +123,9 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, ehs: torch.Tens
     else:
         target = noise
     pred = unet(noisy, t, ehs).sample
-    if not snr_gamma:
+    if weighting == "uniform" or (weighting == "min-snr" and not snr_gamma):
         return F.mse_loss(pred.float(), target.float())
-    weight = timestep_weights(noise_scheduler, t, "min-snr", snr_gamma)
+    weight = timestep_weights(noise_scheduler, t, weighting, snr_gamma)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
 
@@ -148,7 +154,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             drop = torch.rand(len(batch["caption"])) < args.caption_dropout
             captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
             ehs = embed_texts(tokenizer, text_encoder, captions, accelerator.device)
-        return diffusion_loss(unet, noise_scheduler, latents, ehs, args.snr_gamma)
+        return diffusion_loss(unet, noise_scheduler, latents, ehs, args.snr_gamma, args.timestep_weighting)
 
     trainer = Trainer(accelerator, trainer_config(args), dataset, collate_images, [unet], optimizer, lr_scheduler,
                       loss_fn, signature)

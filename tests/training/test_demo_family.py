@@ -117,6 +117,27 @@ def test_text_to_image_script_writes_a_stable_diffusion_folder(family):
     assert out.shape == (1, 32, 32, 3) and (0 <= out).all() and (out <= 1).all()
 
 
+def test_text_to_image_loss_weightings(family):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from training.train_text_to_image import diffusion_loss, parse_args
+
+    pipe = StableDiffusionPipeline.from_pretrained(family["root"] / "base" / "pipeline")
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ehs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1))
+
+    def loss(*args):
+        torch.manual_seed(0)  # the same noise and timesteps
+        with torch.no_grad():
+            return diffusion_loss(pipe.unet, sched, latents, ehs, *args).item()
+
+    assert loss(0.0, "min-snr") == loss(5.0, "uniform")  # --snr-gamma 0 keeps meaning the plain MSE
+    assert len({loss(0.0, "uniform"), loss(5.0, "min-snr"), loss(5.0, "p2")}) == 3
+    args = parse_args(["--pretrained", "x", "--data", "d", "--output-dir", "o", "--timestep-weighting", "p2"])
+    assert args.timestep_weighting == "p2"
+
+
 def test_text_to_image_needs_its_components(toybooru, tmp_path):
     from training import train_text_to_image
 
