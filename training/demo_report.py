@@ -337,7 +337,8 @@ def render(f: dict[str, Any]) -> str:
                f"{judged('reconstructed', key)} |" for name, v, g, key in goals], "",
              "The last two columns are the same measure taken on the real test pictures and on their VAE "
              "reconstructions (with their own attributes as the truth): the judge's ceiling, and the autoencoder's. "
-             "A goal above the first cannot be met with this judge, whatever the generator.", "",
+             "A goal above the first cannot be met with this judge, nor one above the second with this autoencoder, "
+             "whatever the diffusion models.", "",
              "Written by `python -m training.demo_zoo --out assets/demo-zoo --report` from the held-out test split "
              "of the build's Toybooru (`training/demo_report.py` says exactly how). "
              f"{STEPS} DPM-Solver++ steps, guidance {GUIDANCE}, {SIZE} px.", "",
