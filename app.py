@@ -23,8 +23,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def quiet_openmp(env: dict[str, str] = os.environ) -> None:
+    """Let idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) unless a policy was chosen: with
+    OpenMP's default an idle thread spins, and when the cores also run a training job started from
+    the Train tab, a composition took 70x as long (BENCHMARKS.md, "Optimisations"). OpenMP reads the
+    policy when torch loads it, so this runs before anything imports torch; training jobs inherit it."""
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet_openmp()
     from studio.app import build_studio, launch
     from studio.engine import Engine
 

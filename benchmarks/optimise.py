@@ -307,9 +307,9 @@ def _threads_text(t: dict, r: dict) -> str:
     else:
         text += ("The cores had room enough in this run for the default policy's spinning not to hurt; under load it "
                  "does (70x slower than 1 thread was measured on 2026-11-24 at a load average near 3). ")
-    text += ("The studio sets no policy today: `app.py` would have to set `OMP_WAIT_POLICY=PASSIVE` (or one thread) "
-             "before torch is imported, which `pipelines/zoo.py` cannot do; this suite sets `PASSIVE` for its own "
-             "runs unless the caller set one.")
+    text += ("So `app.py` sets `OMP_WAIT_POLICY=PASSIVE` before torch is imported, unless the caller chose a policy "
+             "(`pipelines/zoo.py` cannot: torch is loaded by then); the training jobs it starts inherit it. This suite "
+             "sets `PASSIVE` for its own runs the same way.")
     return "\n  ".join(_wrap(text))
 
 

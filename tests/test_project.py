@@ -2,6 +2,8 @@
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,21 @@ def test_dependencies_point_one_way():
     for path in (ROOT / "training").rglob("*.py"):
         bad = [m for m in imports(path) if m.split(".")[0] in ("studio", "gradio")]
         assert not bad, f"{path} imports {bad}"
+
+
+def test_app_lets_idle_openmp_threads_sleep_unless_a_policy_was_chosen():
+    import app
+
+    env = {}
+    app.quiet_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    app.quiet_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    # it must run before torch is loaded: importing app loads neither torch nor the studio
+    code = "import sys, app; print(sorted(m for m in ('torch', 'studio') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_app_defaults_match_the_public_surface():
