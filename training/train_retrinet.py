@@ -289,9 +289,9 @@ def validation_dataset(data: str, split: str | None, args) -> RetriBooruDataset:
     raise ValueError(f"{data} has no sample to take validation references from")
 
 
-def validation_references(data: str, split: str | None, args) -> tuple[str, list[Reference]]:
-    """Fixed references (and the prompt of their target) from the first usable test sample."""
-    s = validation_dataset(data, split, args)[0]
+def validation_references(ds: RetriBooruDataset) -> tuple[str, list[Reference]]:
+    """Fixed references (and the prompt of their target) from the first sample of ``validation_dataset``."""
+    s = ds[0]
     refs = [Reference(Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()), c)
             for x, c in zip(s["reference_pixel_values"], s["concepts"])]
     return s["prompt"], refs
@@ -300,10 +300,9 @@ def validation_references(data: str, split: str | None, args) -> tuple[str, list
 GAP_SAMPLES = 16
 
 
-def gap_batch(data: str, split: str | None, args, samples: int = GAP_SAMPLES) -> dict[str, Any] | None:
-    """A fixed batch for ``reference_gap``: ``samples`` validation samples spread over the split
-    (None if it has fewer than two)."""
-    ds = validation_dataset(data, split, args)
+def gap_batch(ds: RetriBooruDataset, samples: int = GAP_SAMPLES) -> dict[str, Any] | None:
+    """A fixed batch for ``reference_gap``: ``samples`` samples spread over ``ds`` (None if it has
+    fewer than two)."""
     if len(ds) < 2:
         return None
     step = max(1, len(ds) // samples)
@@ -312,8 +311,9 @@ def gap_batch(data: str, split: str | None, args, samples: int = GAP_SAMPLES) ->
 
 def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retrinet, weight_dtype):
     split = None if args.split == "none" else args.split
-    prompt, refs = validation_references(args.data, split, args)
-    batch = gap_batch(args.data, split, args)
+    ds = validation_dataset(args.data, split, args)
+    prompt, refs = validation_references(ds)
+    batch = gap_batch(ds)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler", revision=args.revision)
     out = Path(args.output_dir) / "validation"
 
