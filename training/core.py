@@ -515,7 +515,10 @@ def timestep_weights(noise_scheduler, timesteps: torch.Tensor, weighting: str = 
         if snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
         snr = compute_snr(noise_scheduler, timesteps)
-        return torch.minimum(snr, torch.full_like(snr, snr_gamma)) / (snr + 1 if v else snr)
+        if v:
+            return torch.minimum(snr, torch.full_like(snr, snr_gamma)) / (snr + 1)
+        # min(SNR, gamma) / SNR written as min(1, gamma / SNR): 1 at the SNR 0 of a zero-terminal-SNR schedule's last step
+        return (snr_gamma / snr).clamp(max=1.0)
 
     def p2(snr: torch.Tensor) -> torch.Tensor:
         return (snr / (snr + 1) if v else torch.ones_like(snr)) / (1 + snr)

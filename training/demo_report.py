@@ -144,11 +144,11 @@ def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: rand
 
 def gap_samples(root: Path, seed: int, samples: int) -> dict[str, Any]:
     """``samples`` multitask samples spread over the test split, collated: the reference gap's batch."""
-    from training.data.retribooru import RetriBooruDataset, collate
+    from training.data.retribooru import RetriBooruDataset
+    from training.train_retrinet import gap_batch
 
-    ds = RetriBooruDataset(root, "test", task="multitask", num_references=4, resolution=SIZE, seed=seed)
-    step = max(1, len(ds) // samples)
-    return collate([ds[i] for i in range(0, len(ds), step)][:samples])
+    return gap_batch(RetriBooruDataset(root, "test", task="multitask", num_references=4, resolution=SIZE, seed=seed),
+                     samples)
 
 
 def gaps(pipe, batch: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -159,35 +159,37 @@ def gaps(pipe, batch: dict[str, Any], seed: int) -> dict[str, Any]:
     from training.train_retrinet import reference_gap
 
     return reference_gap(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.retrinet,
-                         DDPMScheduler.from_config(pipe.scheduler.config), batch, seed=seed)
+                         DDPMScheduler.from_config(pipe.scheduler.config), batch, seed=seed, chunk_size=16)
 
 
 @torch.no_grad()
 def prompt_gap(base, batch: dict[str, Any], seed: int) -> float:
-    """The same measure for the base model's prompt: 1 - loss with each sample's own full tag prompt
-    / loss with the next sample's, same timesteps, noise and masks; what a conditioning that works
-    scores on this family."""
+    """The same measure for the base model's prompt: the mean over the reference gap's timesteps of
+    1 - loss with each sample's own full tag prompt / loss with the previous sample's, with the same
+    noise and masks; what a conditioning that works scores on this family."""
     from diffusers import DDPMScheduler
 
     from pipelines.retrinet import embed_texts
-    from training.train_retrinet import GAP_TIMESTEPS, relative_gap, retrinet_loss, to_latent_mask
+    from training.train_retrinet import gap_timesteps, relative_gap, retrinet_loss, to_latent_mask
 
     sched = DDPMScheduler.from_config(base.scheduler.config)
-    latents = base.vae.encode(batch["pixel_values"]).latent_dist.mode() * base.vae.config.scaling_factor
+    device = base.unet.device
+    latents = base.vae.encode(batch["pixel_values"].to(device)).latent_dist.mode() * base.vae.config.scaling_factor
     prompts = list(batch["prompt"])
-    own = embed_texts(base.tokenizer, base.text_encoder, prompts, "cpu")
-    other = embed_texts(base.tokenizer, base.text_encoder, prompts[-1:] + prompts[:-1], "cpu")
+    own = embed_texts(base.tokenizer, base.text_encoder, prompts, device)
+    other = embed_texts(base.tokenizer, base.text_encoder, prompts[-1:] + prompts[:-1], device)
     size = latents.shape[-2:]
-    valid = to_latent_mask(batch["valid_mask"], size, cover=False)
-    face = to_latent_mask(batch["face_mask"], size, cover=True)
+    valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
+    face = to_latent_mask(batch["face_mask"].to(device), size, cover=True)
     generator = torch.Generator().manual_seed(seed)
     losses: list[list[float]] = [[], []]
-    for tv in GAP_TIMESTEPS:
-        t = torch.full((latents.shape[0],), tv, dtype=torch.long)
-        noise = torch.randn(latents.shape, generator=generator)
+    for tv in gap_timesteps(sched):
+        t = torch.full((latents.shape[0],), tv, dtype=torch.long, device=device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
         noisy = sched.add_noise(latents, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         for i, ehs in enumerate((own, other)):
-            losses[i].append(retrinet_loss(base.unet(noisy, t, encoder_hidden_states=ehs).sample, noise, valid,
+            losses[i].append(retrinet_loss(base.unet(noisy, t, encoder_hidden_states=ehs).sample, target, valid,
                                            face, 0.1).item())
     return relative_gap(*losses)
 

@@ -43,7 +43,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.concepts import CONCEPTS
 from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
-from training.core import WEIGHTINGS, Trainer, TrainerConfig, make_accelerator, read_metrics, timestep_weights
+from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, read_metrics,
+                           timestep_weights)
 from training.data.retribooru import RetriBooruDataset, collate
 
 logger = logging.getLogger("train_retrinet")
@@ -113,8 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--prompt-dropout must be between 0 and 1")
     if args.face_loss_weight < 0:
         p.error("--face-loss-weight must not be negative")
-    if args.snr_gamma <= 0:
-        p.error("--snr-gamma must be positive")
+    if args.timestep_weighting == "min-snr" and args.snr_gamma <= 0:
+        p.error("--snr-gamma must be positive with --timestep-weighting min-snr")
     if args.num_references > args.max_references:
         p.error(f"--num-references {args.num_references} exceeds --max-references {args.max_references}")
     return args
@@ -210,68 +211,94 @@ class RetriNetObjective:
         return retrinet_loss(pred, target, valid, face, self.args.face_loss_weight, weights)
 
 
-GAP_TIMESTEPS = (300, 500, 700, 900)
+GAP_FRACTIONS = (0.3, 0.5, 0.7, 0.9)  # the reference gap's timesteps, as fractions of the training schedule
+
+
+def gap_timesteps(noise_scheduler: SchedulerMixin) -> tuple[int, ...]:
+    """The reference gap's timesteps for ``noise_scheduler``: 300, 500, 700, 900 of SD's 1000."""
+    horizon = noise_scheduler.config.num_train_timesteps
+    return tuple(min(horizon - 1, int(f * horizon)) for f in GAP_FRACTIONS)
 
 
 def relative_gap(own: list[float], other: list[float]) -> float:
-    """The mean over timesteps of 1 - own / other (0 where both are 0)."""
+    """The mean over timesteps of 1 - own / other (a timestep where ``other`` is 0 counts 0)."""
     return sum(1.0 - o / x if x else 0.0 for o, x in zip(own, other)) / len(own)
 
 
 @torch.no_grad()
 def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler: SchedulerMixin,
-                  batch: dict[str, Any], timesteps: tuple[int, ...] = GAP_TIMESTEPS, face_loss_weight: float = 0.1,
-                  seed: int = 0) -> dict[str, Any]:
+                  batch: dict[str, Any], timesteps: tuple[int, ...] | None = None, face_loss_weight: float = 0.1,
+                  seed: int = 0, chunk_size: int | None = None) -> dict[str, Any]:
     """Does the model read its references? The training loss (prompt "", Eq. 3) of a collated
-    ``RetriBooruDataset`` batch at fixed ``timesteps``, with the same noise under three conditions:
+    ``RetriBooruDataset`` batch at fixed ``timesteps`` (default ``gap_timesteps``), with the same
+    noise under three conditions:
 
     - ``own``: each sample's own references;
-    - ``other``: the references of the next sample in the batch (another character);
+    - ``other``: the references of the previous sample in the batch (the last sample's for the
+      first), with their concept words;
     - ``none``: no references (retrieval scale 0, the base model with RetriNet's decoder).
 
     ``gap`` = the mean over the timesteps of 1 - own / other: the share of the loss that a sample's
-    own references explain (each timestep counts the same, so the high-noise ones, where a
-    picture's colours and layout are decided and the loss is small, are not drowned). It is 0 when the model uses the retrieval path only generically
-    (``own`` = ``other`` < ``none``), and grows as it learns to copy what it is shown, long before
-    its pictures show it (seed 001 trains 9000 steps of batch 64). The batch needs at least two
-    samples, and neighbours should show different characters (a shuffled test split does).
+    own references explain. Each timestep counts the same, so the high-noise ones, where a
+    picture's colours and layout are decided and the loss is small, are not drowned. The gap is 0
+    when the model uses the retrieval path only generically (``own`` = ``other`` < ``none``) and
+    grows as it learns to copy what it is shown, long before its pictures show it (seed 001 trains
+    9000 steps of batch 64). The batch needs at least two samples, and neighbours should show
+    different characters (``gap_batch`` spreads them over a split). ``chunk_size`` samples go
+    through the models at a time (default: all).
     """
     pixels, refs = batch["pixel_values"], batch["reference_pixel_values"]
     b, n = refs.shape[:2]
     if b < 2:
         raise ValueError(f"the reference gap needs at least 2 samples, got {b}")
+    horizon = noise_scheduler.config.num_train_timesteps
+    timesteps = gap_timesteps(noise_scheduler) if timesteps is None else tuple(timesteps)
     if not timesteps:
         raise ValueError("no timesteps given")
-    horizon = noise_scheduler.config.num_train_timesteps
     if any(not 0 <= int(t) < horizon for t in timesteps):
-        raise ValueError(f"timesteps {tuple(timesteps)} must lie in 0..{horizon - 1}")
+        raise ValueError(f"timesteps {timesteps} must lie in 0..{horizon - 1}")
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction type {prediction!r} is not supported (epsilon, v_prediction)")
+    chunk = b if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     device, dtype = unet.device, unet.dtype
     sf = vae.config.scaling_factor
-    # in mixed-precision training the frozen VAE and text encoder may be in half precision, the trained UNet not
-    latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode().to(dtype) * sf
-    ref_latents = vae.encode(refs.flatten(0, 1).to(device, vae.dtype)).latent_dist.mode().to(dtype) * sf
-    other_latents = ref_latents.view(b, n, *ref_latents.shape[1:]).roll(1, 0).flatten(0, 1)
-    concepts = [c for cs in batch["concepts"] for c in cs]
-    other_concepts = [c for cs in batch["concepts"][-1:] + batch["concepts"][:-1] for c in cs]
-    ehs = embed_texts(tokenizer, text_encoder, [""] * b, device).to(dtype)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        # in mixed-precision training the frozen VAE and text encoder may be in half precision, the trained UNet not
+        return torch.cat([vae.encode(x[i:i + chunk * n].to(device, vae.dtype)).latent_dist.mode().to(dtype) * sf
+                          for i in range(0, x.shape[0], chunk * n)])
+
+    latents = encode(pixels)
+    ref_latents = encode(refs.flatten(0, 1)).view(b, n, *latents.shape[1:])
+    concepts = [list(cs) for cs in batch["concepts"]]
+    conditions = {"own": (ref_latents, concepts, 1.0),
+                  "other": (ref_latents.roll(1, 0), concepts[-1:] + concepts[:-1], 1.0),  # sample i gets i - 1's
+                  "none": (ref_latents, concepts, 0.0)}
+    empty = embed_texts(tokenizer, text_encoder, [""], device).to(dtype)
     size = latents.shape[-2:]
     valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
     face = to_latent_mask(batch["face_mask"].to(device), size, cover=True)
-    conditions = {"own": (ref_latents, concepts, 1.0), "other": (other_latents, other_concepts, 1.0),
-                  "none": (ref_latents, concepts, 0.0)}
-    prediction = noise_scheduler.config.prediction_type
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {"samples": b, "timesteps": [int(t) for t in timesteps], **{k: [] for k in conditions}}
     for tv in timesteps:
-        t = torch.full((b,), int(tv), device=device, dtype=torch.long)
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-        for name, (lat, words, scale) in conditions.items():
-            embeds = embed_texts(tokenizer, text_encoder, words, device).to(dtype)
-            pred = retrinet(lat, t, embeds, n, unet=unet, sample=noisy, encoder_hidden_states=ehs,
-                            retrieval_scale=scale)
-            out[name].append(retrinet_loss(pred, target, valid, face, face_loss_weight).item())
+        sums = dict.fromkeys(conditions, 0.0)
+        for s in range(0, b, chunk):
+            e = slice(s, min(b, s + chunk))
+            rows = e.stop - e.start
+            t = torch.full((rows,), int(tv), device=device, dtype=torch.long)
+            noisy = noise_scheduler.add_noise(latents[e], noise[e], t)
+            target = noise[e] if prediction == "epsilon" else noise_scheduler.get_velocity(latents[e], noise[e], t)
+            for name, (lat, words, scale) in conditions.items():
+                embeds = embed_texts(tokenizer, text_encoder, [w for cs in words[e] for w in cs], device).to(dtype)
+                pred = retrinet(lat[e].flatten(0, 1), t, embeds, n, unet=unet, sample=noisy,
+                                encoder_hidden_states=empty.expand(rows, -1, -1), retrieval_scale=scale)
+                sums[name] += retrinet_loss(pred, target, valid[e], face[e], face_loss_weight).item() * rows
+        for name in conditions:
+            out[name].append(sums[name] / b)
     out["gap"] = relative_gap(out["own"], out["other"])
     return out
 
@@ -298,15 +325,16 @@ def validation_references(ds: RetriBooruDataset) -> tuple[str, list[Reference]]:
 
 
 GAP_SAMPLES = 16
+GAP_LOG = "reference_gap.jsonl"  # in the run's validation/ folder, one line per validation
 
 
 def gap_batch(ds: RetriBooruDataset, samples: int = GAP_SAMPLES) -> dict[str, Any] | None:
-    """A fixed batch for ``reference_gap``: ``samples`` samples spread over ``ds`` (None if it has
-    fewer than two)."""
+    """A fixed batch for ``reference_gap``: ``samples`` samples spread evenly over ``ds`` (None if it
+    has fewer than two), so that neighbours are far apart in the split and mostly other characters."""
     if len(ds) < 2:
         return None
-    step = max(1, len(ds) // samples)
-    return collate([ds[i] for i in range(0, len(ds), step)][:samples])
+    k = min(samples, len(ds))
+    return collate([ds[round(i * (len(ds) - 1) / (k - 1))] for i in range(k)])
 
 
 def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retrinet, weight_dtype):
@@ -336,7 +364,7 @@ def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retri
                           generator=torch.Generator().manual_seed(args.seed)).images
             gap = None if batch is None else reference_gap(
                 vae, text_encoder, tokenizer, pipe.unet, pipe.retrinet, noise_scheduler, batch,
-                face_loss_weight=args.face_loss_weight, seed=args.seed)
+                face_loss_weight=args.face_loss_weight, seed=args.seed, chunk_size=args.train_batch_size)
         finally:
             for m, w in zip((pipe.unet, pipe.retrinet), was_training):
                 m.train(w)
@@ -344,8 +372,7 @@ def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retri
         if gap is not None:
             logger.info("step %d: reference gap %.4f (own %s, other %s)", step, gap["gap"],
                         [round(x, 4) for x in gap["own"]], [round(x, 4) for x in gap["other"]])
-            with open(out / "reference_gap.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **gap}) + "\n")
+            MetricsLog(out / GAP_LOG, True).write({"step": step, **gap})
         tiles = [r.image for r in refs] + list(images)
         s = args.resolution
         grid = Image.new("RGB", (s * max(len(refs), len(images)), 2 * s), "white")
@@ -467,6 +494,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(accelerator, config, dataset, collate, [retrinet, unet] if unet_trains else [retrinet],
                       optimizer, lr_scheduler, objective, signature, validate)
     start = trainer.resume(args.resume_from_checkpoint)
+    # the gaps of validations after the checkpoint (or of an earlier, lost run) are measured again
+    MetricsLog(out / "validation" / GAP_LOG, accelerator.is_main_process).truncate_after(start)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("retrinet", config={k: v for k, v in vars(args).items() if k != "argv"})
     logger.info("training %d samples from step %d to %d on %d process(es)", len(dataset), start,

@@ -84,13 +84,28 @@ def test_timestep_weights(prediction):
     minsnr = timestep_weights(sched, t, "min-snr", 5.0)
     expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction == "v_prediction" else snr)
     assert torch.allclose(minsnr, expected)
+    # the SNR of SD's scaled-linear schedule, computed here from its betas
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    own_snr = (alpha_bar / (1 - alpha_bar))[t].float()
+    assert torch.allclose(snr, own_snr, rtol=1e-4)
     if prediction == "epsilon":
         assert minsnr[0] < 0.01 and torch.allclose(minsnr[2:], torch.ones(3))  # only the low-noise steps count less
+        assert minsnr[1].item() == pytest.approx(5.0 / own_snr[1].item(), rel=1e-4)  # SNR(100) is about 9.6
+    else:
+        assert minsnr[3].item() == pytest.approx(own_snr[3].item() / (own_snr[3].item() + 1), rel=1e-4)
     every = torch.arange(1000)
     p2 = timestep_weights(sched, every, "p2")
     assert p2.mean().item() == pytest.approx(1.0, rel=1e-5)
+    every_snr = (alpha_bar / (1 - alpha_bar)).float()
+    raw = (every_snr / (every_snr + 1) if prediction == "v_prediction" else torch.ones(1000)) / (1 + every_snr)
+    assert torch.allclose(p2, raw / raw.mean(), rtol=1e-3)
     if prediction == "epsilon":
         assert torch.all(p2[1:] >= p2[:-1]) and p2[900] > 50 * p2[0]  # more noise, more weight
+    zero_terminal = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  prediction_type=prediction, rescale_betas_zero_snr=True)
+    last = timestep_weights(zero_terminal, torch.tensor([999]), "min-snr", 5.0)
+    assert torch.isfinite(last).all() and last.item() == (1.0 if prediction == "epsilon" else 0.0)
     with pytest.raises(ValueError, match="unknown weighting"):
         timestep_weights(sched, t, "snr")
     with pytest.raises(ValueError, match="snr_gamma"):
@@ -144,6 +159,19 @@ def test_reference_gap_compares_own_other_and_no_references(tiny_sd, toybooru):
     twin = reference_gap(*parts, same, timesteps=(100, 900))
     assert twin["own"] == pytest.approx(twin["other"], rel=1e-5) and twin["own"] != twin["none"]
     assert twin["gap"] == pytest.approx(0.0, abs=1e-5)
+    # "other" pairs sample i with sample i - 1's references and concept words: the own loss of a batch
+    # rolled by hand; and chunks give the same losses
+    three = collate([ds[0], ds[len(ds) // 3], ds[2 * len(ds) // 3]])
+    rolled = dict(three, reference_pixel_values=three["reference_pixel_values"].roll(1, 0),
+                  concepts=three["concepts"][-1:] + three["concepts"][:-1])
+    gap3 = reference_gap(*parts, three, timesteps=(100, 900))
+    assert reference_gap(*parts, rolled, timesteps=(100, 900))["own"] == pytest.approx(gap3["other"], rel=1e-5)
+    assert gap3["other"] != pytest.approx(reference_gap(*parts, dict(three, reference_pixel_values=three[
+        "reference_pixel_values"].roll(-1, 0), concepts=three["concepts"][1:] + three["concepts"][:1]),
+        timesteps=(100, 900))["own"], rel=1e-5)  # the other direction differs with 3 samples
+    chunked = reference_gap(*parts, three, timesteps=(100, 900), chunk_size=1)
+    for key in ("own", "other", "none"):
+        assert chunked[key] == pytest.approx(gap3[key], rel=1e-5)
     # mixed precision: the frozen VAE and text encoder in half precision, the trained models in float32
     vae, text_encoder = parts[0].to(torch.bfloat16), parts[1].to(torch.bfloat16)
     half = reference_gap(vae, text_encoder, *parts[2:], batch, timesteps=(100, 900))
@@ -159,6 +187,16 @@ def test_reference_gap_rejects_bad_input(tiny_sd, toybooru):
         reference_gap(*parts, batch, timesteps=())
     with pytest.raises(ValueError, match=r"0\.\.999"):
         reference_gap(*parts, batch, timesteps=(500, 1000))
+    with pytest.raises(ValueError, match="chunk_size"):
+        reference_gap(*parts, batch, chunk_size=0)
+    from diffusers import DDPMScheduler
+
+    from training.train_retrinet import gap_timesteps
+
+    short = DDPMScheduler(num_train_timesteps=100)
+    assert gap_timesteps(short) == (30, 50, 70, 90) and gap_timesteps(parts[5]) == (300, 500, 700, 900)
+    with pytest.raises(ValueError, match="prediction type 'sample'"):
+        reference_gap(*parts[:5], DDPMScheduler(prediction_type="sample"), batch)
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tiny_sd, toybooru, tmp_path):
@@ -305,8 +343,14 @@ def test_validation_pictures_and_push_to_hub(tiny_sd, toybooru, tmp_path, monkey
     from PIL import Image
 
     assert Image.open(grid).size == (2 * 32, 2 * 32)
-    gaps = [json.loads(line) for line in (tmp_path / "validation" / "reference_gap.jsonl").read_text().splitlines()]
+    gap_log = tmp_path / "validation" / "reference_gap.jsonl"
+    gaps = [json.loads(line) for line in gap_log.read_text().splitlines()]
     assert [g["step"] for g in gaps] == [2] and gaps[0]["samples"] >= 2
     assert len(gaps[0]["own"]) == len(gaps[0]["other"]) == len(gaps[0]["none"]) == 4 and -1 < gaps[0]["gap"] < 1
+    # a fresh start in the same folder (no checkpoint to resume) measures its own gaps, not after the old ones
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--max-train-steps", 4, "--validation-steps", 2,
+                         "--num-validation-images", 1, "--validation-inference-steps", 2,
+                         "--resume-from-checkpoint", "latest")))
+    assert [json.loads(line)["step"] for line in gap_log.read_text().splitlines()] == [2, 4]
     assert result["hub_repo"] == "user/retrinet-test"
     assert calls["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["ignore_patterns"]
