@@ -75,7 +75,7 @@ def family(tmp_path_factory, toybooru):
     (root / "clip.json").write_text(json.dumps(TINY_CLIP))
     (root / "unet.json").write_text(json.dumps(dict(TINY_UNET, cross_attention_dim=32)))
     vae = train_vae.main(train_vae.parse_args(["--data", str(toybooru), "--vae-config", str(root / "vae.json"),
-                                               *shared(root / "vae")]))
+                                               "--face-loss-weight", "1", *shared(root / "vae")]))
     clip = train_clip.main(train_clip.parse_args(["--data", str(toybooru), "--clip-config", str(root / "clip.json"),
                                                   *shared(root / "clip")]))
     base = train_text_to_image.main(train_text_to_image.parse_args(
@@ -91,6 +91,42 @@ def test_vae_script_sets_the_latent_scale(family):
     assert family["vae"]["global_step"] == 2
     assert vae.config.scaling_factor == pytest.approx(family["vae"]["scaling_factor"]) and vae.config.scaling_factor > 0
     assert [r["step"] for r in read_metrics(family["root"] / "vae" / "metrics.jsonl")] == [1, 2]
+
+
+def test_face_masks_follow_the_picture_and_weigh_in_the_vae_loss(toybooru):
+    from diffusers import AutoencoderKL
+
+    from training.data.images import TaggedImages, collate_images, face_mask
+    from training.train_vae import VAELoss, parse_args
+
+    rec = {"face_bbox": [10, 20, 30, 40], "width": 100, "height": 50}
+    m = face_mask(rec, 10)  # x scaled by 0.1, y by 0.2, rounded outwards
+    assert m.shape == (1, 10, 10) and m.sum() == 2 * 4 and m[0, 4:8, 1:3].all()
+    assert face_mask({"width": 10, "height": 10}, 10).sum() == 0
+    ds = TaggedImages(toybooru, "train", 32, flip=True, seed=0)
+    items = [ds[i] for i in range(8)]
+    flipped = {it["index"] for it in items
+               if not torch.equal(it["pixel_values"], ds.pixels[it["index"]].float().div(127.5).sub(1))}
+    assert flipped and len(flipped) < len(items)  # some were mirrored: their masks too
+    for it in items:
+        plain = face_mask(ds.records[it["index"]], 32)
+        expected = plain.flip(-1) if it["index"] in flipped else plain
+        assert torch.equal(it["face_mask"], expected) and it["face_mask"].sum() > 0
+    assert any(not torch.equal(face_mask(ds.records[i], 32), face_mask(ds.records[i], 32).flip(-1)) for i in flipped)
+    batch = collate_images(items)
+    assert batch["face_mask"].shape == (8, 1, 32, 32)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE)
+    losses = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(1)  # the same posterior sample
+        losses[weight] = VAELoss(vae, 1e-6, 1.0, weight)(batch["pixel_values"], batch["face_mask"]).item()
+    torch.manual_seed(1)
+    assert VAELoss(vae, 1e-6, 1.0, 1.0)(batch["pixel_values"], torch.zeros_like(batch["face_mask"])).item() == \
+        pytest.approx(losses[0.0])
+    assert losses[1.0] > losses[0.0]
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--output-dir", "o", "--face-loss-weight", "-1"])
 
 
 def test_clip_script_saves_model_processor_and_word_tokenizer(family, toybooru):

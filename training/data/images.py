@@ -10,6 +10,7 @@ samples as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class TaggedImages(Dataset):
-    """Items: ``pixel_values`` (3, R, R) in [-1, 1], ``caption`` (str), ``id``, ``index``.
+    """Items: ``pixel_values`` (3, R, R) in [-1, 1], ``caption`` (str), ``id``, ``index``, and
+    ``face_mask`` (1, R, R): 1 inside the record's face box (resized and flipped with the picture).
 
     ``tag_dropout``: each tag is left out of the caption with this probability (so the model also
     follows short prompts); ``flip``: mirror half of the samples (Toybooru's tags do not say left
@@ -68,17 +70,37 @@ class TaggedImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
         x = self.pixels[index].float().div(127.5).sub(1.0)
-        if self.flip and torch.rand((), generator=g) < 0.5:
+        flipped = bool(self.flip and torch.rand((), generator=g) < 0.5)
+        if flipped:
             x = x.flip(-1)
         tags = self.records[index]["tags"]
         if self.tag_dropout:
             keep = torch.rand(len(tags), generator=g) >= self.tag_dropout
             tags = [t for t, k in zip(tags, keep.tolist()) if k]
-        return {"pixel_values": x, "caption": prompt_from_tags(tags), "id": self.records[index]["id"], "index": index}
+        face = face_mask(self.records[index], self.resolution)
+        if flipped:
+            face = face.flip(-1)
+        return {"pixel_values": x, "caption": prompt_from_tags(tags), "id": self.records[index]["id"], "index": index,
+                "face_mask": face}
+
+
+def face_mask(rec: dict[str, Any], resolution: int) -> torch.Tensor:
+    """(1, R, R): 1 inside ``rec``'s face box, scaled as the picture is resized to R x R (rounded
+    outwards); all 0 for a record without one."""
+    m = torch.zeros(1, resolution, resolution)
+    box, w, h = rec.get("face_bbox"), rec.get("width"), rec.get("height")
+    if not box or not w or not h:
+        return m
+    sx, sy = resolution / w, resolution / h
+    x0, y0 = max(0, math.floor(box[0] * sx)), max(0, math.floor(box[1] * sy))
+    x1, y1 = min(resolution, math.ceil(box[2] * sx)), min(resolution, math.ceil(box[3] * sy))
+    m[:, y0:y1, x0:x1] = 1.0
+    return m
 
 
 def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "face_mask": torch.stack([s["face_mask"] for s in samples]),
             "caption": [s["caption"] for s in samples], "id": [s["id"] for s in samples],
             "index": torch.tensor([s["index"] for s in samples])}
 
