@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import MutableMapping
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def quiet_openmp(env: dict[str, str] = os.environ) -> None:
+def quiet_openmp(env: MutableMapping[str, str] = os.environ) -> None:
     """Let idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) unless a policy was chosen: with
     OpenMP's default an idle thread spins, and when the cores also run a training job started from
     the Train tab, a composition took 70x as long (BENCHMARKS.md, "Optimisations"). OpenMP reads the

@@ -147,8 +147,11 @@ def gap_samples(root: Path, seed: int, samples: int) -> dict[str, Any]:
     from training.data.retribooru import RetriBooruDataset
     from training.train_retrinet import gap_batch
 
-    return gap_batch(RetriBooruDataset(root, "test", task="multitask", num_references=4, resolution=SIZE, seed=seed),
-                     samples)
+    batch = gap_batch(RetriBooruDataset(root, "test", task="multitask", num_references=4, resolution=SIZE,
+                                        seed=seed), samples)
+    if batch is None:
+        raise ValueError(f"the test split of {root} has fewer than 2 multitask samples for the reference gap")
+    return batch
 
 
 def gaps(pipe, batch: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -325,3 +325,14 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert "## Do the references matter? (the reference gap)" in report and "| -a | **" in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
+
+
+def test_the_reference_gap_batch_needs_two_test_samples(toybooru, monkeypatch):
+    from training import demo_report, train_retrinet
+
+    batch = demo_report.gap_samples(toybooru, 0, 4)
+    assert batch["pixel_values"].shape[0] == 4
+    assert len({tuple(ids) for ids in batch["reference_ids"]}) == 4  # spread over the split: four different samples
+    monkeypatch.setattr(train_retrinet, "gap_batch", lambda ds, samples: None)  # a split of fewer than 2
+    with pytest.raises(ValueError, match="fewer than 2"):
+        demo_report.gap_samples(toybooru, 0, 4)
