@@ -273,9 +273,12 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
 
     latents = encode(pixels)
     ref_latents = encode(refs.flatten(0, 1)).view(b, n, *latents.shape[1:])
-    concepts = [list(cs) for cs in batch["concepts"]]
+    # the concept words are few: each is encoded once, as RetriNetObjective's table does
+    words = sorted({w for cs in batch["concepts"] for w in cs})
+    table = dict(zip(words, embed_texts(tokenizer, text_encoder, words, device).to(dtype)))
+    concepts = torch.stack([torch.stack([table[w] for w in cs]) for cs in batch["concepts"]])  # (B, N, L, D)
     conditions = {"own": (ref_latents, concepts, 1.0),
-                  "other": (ref_latents.roll(1, 0), concepts[-1:] + concepts[:-1], 1.0),  # sample i gets i - 1's
+                  "other": (ref_latents.roll(1, 0), concepts.roll(1, 0), 1.0),  # sample i gets i - 1's
                   "none": (ref_latents, concepts, 0.0)}
     empty = embed_texts(tokenizer, text_encoder, [""], device).to(dtype)
     size = latents.shape[-2:]
@@ -292,9 +295,8 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
             t = torch.full((rows,), int(tv), device=device, dtype=torch.long)
             noisy = noise_scheduler.add_noise(latents[e], noise[e], t)
             target = noise[e] if prediction == "epsilon" else noise_scheduler.get_velocity(latents[e], noise[e], t)
-            for name, (lat, words, scale) in conditions.items():
-                embeds = embed_texts(tokenizer, text_encoder, [w for cs in words[e] for w in cs], device).to(dtype)
-                pred = retrinet(lat[e].flatten(0, 1), t, embeds, n, unet=unet, sample=noisy,
+            for name, (lat, embeds, scale) in conditions.items():
+                pred = retrinet(lat[e].flatten(0, 1), t, embeds[e].flatten(0, 1), n, unet=unet, sample=noisy,
                                 encoder_hidden_states=empty.expand(rows, -1, -1), retrieval_scale=scale)
                 sums[name] += retrinet_loss(pred, target, valid[e], face[e], face_loss_weight).item() * rows
         for name in conditions:
