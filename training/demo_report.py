@@ -39,7 +39,8 @@ import torch
 from PIL import Image
 
 from pipelines.retrinet import Reference
-from training.data.retribooru import open_record, prepare_reference, prompt_from_tags, read_annotations
+from training.data.retribooru import (neutral_tags, open_record, prepare_reference, prompt_from_tags,
+                                     read_annotations)
 
 logger = logging.getLogger("demo_report")
 STEPS, GUIDANCE, SIZE = 20, 5.0, 64
@@ -51,9 +52,7 @@ COLOURS = ("hair_color", "eye_color", "cloth_color")  # what is left when the ju
 
 def neutral_prompt(rec: dict[str, Any]) -> str:
     """The record's tags without any identity attribute: no hair, eyes or clothes words."""
-    cloth = set(rec.get("cloth_tags", []))
-    keep = [t for t in rec["tags"] if t not in cloth and not t.endswith(("_hair", "_eyes", "hair", "twintails"))]
-    return prompt_from_tags(keep)
+    return prompt_from_tags(neutral_tags(rec))
 
 
 def reference(root: Path, rec: dict[str, Any], concept: str) -> Reference | None:

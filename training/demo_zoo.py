@@ -6,7 +6,7 @@
 Stages (each a subprocess running one of the project's command lines, resumable through its
 checkpoints, and skipped when its output is already complete):
 
-    data       Toybooru at 64 px                      python -m training.data.toybooru
+    data       Toybooru at 64 px, demo scene          python -m training.data.toybooru
     vae        AutoencoderKL, 64 px -> 16x16x4        training.train_vae
     clip       CLIPModel + word-level tokenizer       training.train_clip
     base       text-to-image UNet (the demo's "SD")   training.train_text_to_image
@@ -63,7 +63,7 @@ class Stage:
         return ["python", "-m", self.module, *self.args]
 
 
-RETRINET_STEPS = 2000  # each of -b (shipped) and -a (the report's comparison): the same budget
+RETRINET_STEPS = 1200  # each of -b (shipped) and -a (the report's comparison): the same budget
 
 
 def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
@@ -81,20 +81,22 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
     base = runs / "base" / "pipeline"
     retrinet = ["--pretrained", str(base), "--data", str(data), "--task", "multitask", "--num-references", "4",
                 "--resolution", "64", "--retrieval-attention-heads", "4", "--gradient-accumulation-steps", "1",
-                "--restart-steps", str(RETRINET_STEPS), "--lr-warmup-steps", "20"]
+                "--restart-steps", str(RETRINET_STEPS), "--lr-warmup-steps", "20", "--prompt-tags", "neutral",
+                "--cache-latents"]
     stages = [
         Stage("data", "training.data.toybooru",
-              ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64"],
+              ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64", "--scene", "demo"],
               lambda: (data / "annotations.jsonl").is_file()),
         Stage("vae", "training.train_vae", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
-                                            *common("vae", 5000, 32, 1e-3, every=100)],
+                                            "--face-loss-weight", "1.0", *common("vae", 1500, 32, 1e-3, every=100)],
               ran("vae", "vae"), ("data",), runs / "vae"),
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 400, 128, 5e-4)],
               ran("clip", "clip"), ("data",), runs / "clip"),
         Stage("base", "training.train_text_to_image",
               ["--vae", str(runs / "vae" / "vae"), "--text-encoder", str(runs / "clip" / "clip"), "--data", str(data),
-               "--resolution", "64", "--lr-warmup-steps", "20", *common("base", 3200, 64, 5e-4, every=100)],
+               "--resolution", "64", "--lr-warmup-steps", "20", "--cache-latents",
+               *common("base", 1500, 64, 1e-3, every=100)],
               ran("base", "pipeline"), ("vae", "clip"), runs / "base"),
         Stage("retrinet", "training.train_retrinet",
               [*retrinet, "--setting", "b", *common("retrinet", RETRINET_STEPS, 16, 5e-4, every=100)],
@@ -107,7 +109,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
                "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
               ran("semantica", "semantica"), ("base",), runs / "semantica"),
         Stage("judge", "training.train_judge", ["--data", str(data), "--width", "24", "--lr-warmup-steps", "20",
-                                                *common("judge", 4000, 64, 3e-3, every=100)],
+                                                *common("judge", 2000, 64, 3e-3, every=100)],
               ran("judge", "judge"), ("data",), runs / "judge"),
         Stage("data-det", "training.data.toybooru",
               ["--out", str(data_det), "--num-images", "2400", "--seed", str(seed), "--size", "128"],
@@ -143,10 +145,15 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
     cpus = os.cpu_count() or 1
     (work / "logs").mkdir(parents=True, exist_ok=True)
 
+    touched: set[str] = set()  # the stages this run recorded: another build run side by side keeps its own
+
     def save() -> None:
-        tmp = records_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
+        merged = json.loads(records_path.read_text()) if records_path.is_file() else {}
+        merged.update({name: records[name] for name in touched})
+        tmp = records_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
         os.replace(tmp, records_path)
+        records.update(merged)
 
     while pending or running:
         for stage in list(pending):
@@ -155,6 +162,7 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                 kept = records.get(stage.name, {})  # what an earlier run of the same command measured
                 records[stage.name] = {**(kept if kept.get("command") == stage.command else {}),
                                        "command": stage.command, **summarize(stage)}
+                touched.add(stage.name)
                 pending.remove(stage)
                 finished.add(stage.name)
                 continue
@@ -192,6 +200,7 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
             rec.update({"command": stage.command, "seconds": round(rec.get("seconds", 0) + time.perf_counter() - t0, 1),
                         **summarize(stage)})
             records[name] = rec
+            touched.add(name)
             save()
             finished.add(name)
             logger.info("%s: done in %.0f s", name, time.perf_counter() - t0)

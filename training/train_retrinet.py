@@ -11,7 +11,10 @@
   size; lambda = ``--face-loss-weight`` (0.1, seed 002 A.4). ``--timestep-weighting min-snr`` or
   ``p2`` weights each sample by its timestep (the default, ``uniform``, is Eq. 3 as written).
 - The prompt is dropped (replaced by "") with probability ``--prompt-dropout`` (0.5); the
-  references are always kept, as at inference with classifier-free guidance.
+  references are always kept, as at inference with classifier-free guidance. ``--prompt-tags
+  neutral`` leaves the hair, eyes and clothes words out of every prompt (the identity can then
+  only come from the references). ``--cache-latents`` encodes each target and (setting b) each
+  reference concept once (``training.latents``).
 - What trains: ``--lock none`` (retrieval encoder, cross-attentions, zero convolutions and the
   base decoder), ``decoder`` (the UNet frozen), ``both`` (UNet and retrieval encoder frozen).
 - AdamW at 1e-4, cosine schedule restarted every ``--restart-steps`` (9000) without decay.
@@ -45,7 +48,8 @@ from pipelines.concepts import CONCEPTS
 from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
 from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, read_metrics,
                            timestep_weights)
-from training.data.retribooru import RetriBooruDataset, collate
+from training.data.retribooru import PROMPT_TAGS, RetriBooruDataset, collate
+from training.latents import LatentCache
 
 logger = logging.getLogger("train_retrinet")
 LOCKS = {"none": "default", "decoder": "lock_decoder", "both": "lock_both"}
@@ -74,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(training.core.timestep_weights)")
     g.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --timestep-weighting min-snr")
     g.add_argument("--prompt-dropout", type=float, default=0.5, help="probability of training without the prompt")
+    g.add_argument("--prompt-tags", choices=PROMPT_TAGS, default="all",
+                   help="all: the target's tags; neutral: without hair, eyes and clothes words, so the identity "
+                        "can only come from the references (what the demo report asks of the model)")
+    g.add_argument("--cache-latents", action="store_true",
+                   help="keep the VAE posterior of every target and (setting b) every reference concept after its "
+                        "first encoding (training.latents); a resumed run then equals an uninterrupted one up to "
+                        "rounding, not to the last bit")
     g.add_argument("--lock", choices=tuple(LOCKS), default="none", help="none | decoder | both (seed 001, Table 3)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning-rate", type=float, default=1e-4)
@@ -177,6 +188,10 @@ class RetriNetObjective:
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.unet, self.retrinet, self.noise_scheduler = unet, retrinet, noise_scheduler
         self.weight_dtype = weight_dtype
+        # a target, and a reference under setting b (another picture cut to a concept), is the same picture
+        # every time it is drawn; under setting a references are augmented anew each time
+        self.cache = LatentCache(vae) if getattr(args, "cache_latents", False) else None
+        self.cache_references = self.cache is not None and getattr(args, "setting", "b") == "b"
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
@@ -191,13 +206,22 @@ class RetriNetObjective:
         refs = batch["reference_pixel_values"]  # (B, N, 3, R, R)
         n = refs.shape[1]
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample() * sf  # (B, 4, r, r)
-            ref_latents = self.vae.encode(refs.flatten(0, 1).to(device, self.weight_dtype)).latent_dist.mode() * sf
+            if self.cache is not None:
+                latents = self.cache.sample([("target", i) for i in batch["id"]], pixels) * sf
+            else:
+                latents = self.vae.encode(pixels).latent_dist.sample() * sf  # (B, 4, r, r)
+            ref_pixels = refs.flatten(0, 1).to(device, self.weight_dtype)
+            if self.cache_references:
+                keys = [("reference", i, c) for ids, cs in zip(batch["reference_ids"], batch["concepts"])
+                        for i, c in zip(ids, cs)]
+                ref_latents = self.cache.mode(keys, ref_pixels) * sf
+            else:
+                ref_latents = self.vae.encode(ref_pixels).latent_dist.mode() * sf
             keep = torch.rand(b) >= self.args.prompt_dropout  # prompt dropout, references kept
             prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist())]
             ehs = embed_texts(self.tokenizer, self.text_encoder, prompts, device)  # (B, L, D)
             concept_embeds = torch.stack([self.concept_table[c] for cs in batch["concepts"] for c in cs])  # (B*N, L, D)
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # whatever the layout
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), device=device).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
@@ -312,7 +336,8 @@ def validation_dataset(data: str, split: str | None, args) -> RetriBooruDataset:
     for sp in ("test", split):
         try:
             return RetriBooruDataset(data, sp, task="compose" if args.task != "recon" else "recon", setting="b",
-                                     num_references=args.num_references, resolution=args.resolution, seed=1234)
+                                     num_references=args.num_references, resolution=args.resolution, seed=1234,
+                                     prompt_tags=getattr(args, "prompt_tags", "all"))
         except ValueError:
             continue
     raise ValueError(f"{data} has no sample to take validation references from")
@@ -442,7 +467,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # data first: a bad folder fails before any model is loaded
     split = None if args.split == "none" else args.split
     dataset = RetriBooruDataset(args.data, split, task=args.task, setting=args.setting,
-                                num_references=args.num_references, resolution=args.resolution, seed=args.seed)
+                                num_references=args.num_references, resolution=args.resolution, seed=args.seed,
+                                prompt_tags=args.prompt_tags)
 
     vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(args.pretrained, args.revision)
     if args.retrinet:

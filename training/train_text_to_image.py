@@ -40,6 +40,7 @@ from pipelines.retrinet import embed_texts
 from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
                            WEIGHTINGS, timestep_weights, trainer_config)
 from training.data.images import TaggedImages, collate_images
+from training.latents import LatentCache
 
 logger = logging.getLogger("train_text_to_image")
 
@@ -62,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--timestep-weighting", choices=WEIGHTINGS, default="min-snr",
                    help="weight of each sample's loss by its timestep (training.core.timestep_weights)")
     g.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of min-snr weighting (0: plain MSE)")
+    g.add_argument("--cache-latents", action="store_true",
+                   help="encode each picture (and its mirror) once and keep its VAE posterior (training.latents); "
+                        "a resumed run then equals an uninterrupted one up to rounding, not to the last bit")
     add_training_arguments(p, learning_rate=5e-4, batch_size=64, max_train_steps=2000, checkpointing_steps=100)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
@@ -115,7 +119,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, ehs: torch.Tens
                    weighting: str = "min-snr") -> torch.Tensor:
     """The noise-prediction MSE at a random timestep, weighted by ``weighting`` (``timestep_weights``;
     min-SNR with ``snr_gamma`` 0 is the plain MSE)."""
-    noise = torch.randn_like(latents)
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # whatever the layout
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     if noise_scheduler.config.prediction_type == "v_prediction":
@@ -147,10 +151,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unet, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, unet)
     unet.train()
     sf = vae.config.scaling_factor
+    cache = LatentCache(vae) if args.cache_latents else None
 
     def loss_fn(batch):
         with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"].to(accelerator.device, weight_dtype)).latent_dist.sample() * sf
+            pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+            if cache is not None:  # a picture is the same every time it is drawn mirrored (or not)
+                keys = list(zip(batch["index"].tolist(), batch["flipped"].tolist()))
+                latents = cache.sample(keys, pixels) * sf
+            else:
+                latents = vae.encode(pixels).latent_dist.sample() * sf
             drop = torch.rand(len(batch["caption"])) < args.caption_dropout
             captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
             ehs = embed_texts(tokenizer, text_encoder, captions, accelerator.device)

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 class TaggedImages(Dataset):
-    """Items: ``pixel_values`` (3, R, R) in [-1, 1], ``caption`` (str), ``id``, ``index``, and
-    ``face_mask`` (1, R, R): 1 inside the record's face box (resized and flipped with the picture).
+    """Items: ``pixel_values`` (3, R, R) in [-1, 1], ``caption`` (str), ``id``, ``index``,
+    ``face_mask`` (1, R, R): 1 inside the record's face box (resized and flipped with the picture),
+    and ``flipped`` (whether the picture was mirrored).
 
     ``tag_dropout``: each tag is left out of the caption with this probability (so the model also
     follows short prompts); ``flip``: mirror half of the samples (Toybooru's tags do not say left
@@ -81,7 +82,7 @@ class TaggedImages(Dataset):
         if flipped:
             face = face.flip(-1)
         return {"pixel_values": x, "caption": prompt_from_tags(tags), "id": self.records[index]["id"], "index": index,
-                "face_mask": face}
+                "face_mask": face, "flipped": flipped}
 
 
 def face_mask(rec: dict[str, Any], resolution: int) -> torch.Tensor:
@@ -102,7 +103,8 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
             "face_mask": torch.stack([s["face_mask"] for s in samples]),
             "caption": [s["caption"] for s in samples], "id": [s["id"] for s in samples],
-            "index": torch.tensor([s["index"] for s in samples])}
+            "index": torch.tensor([s["index"] for s in samples]),
+            "flipped": torch.tensor([s.get("flipped", False) for s in samples])}
 
 
 def caption_words(root: str | Path) -> list[str]:

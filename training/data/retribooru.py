@@ -90,6 +90,17 @@ def prompt_from_tags(tags: list[str]) -> str:
     return ", ".join(t.replace("_", " ") for t in tags)
 
 
+PROMPT_TAGS = ("all", "neutral")
+
+
+def neutral_tags(rec: dict[str, Any]) -> list[str]:
+    """The record's tags without any identity attribute: no hair, eyes or clothes words (its
+    ``cloth_tags`` and every tag naming hair or eyes), only what the picture shows around the
+    character (count, pose, framing, background)."""
+    cloth = set(rec.get("cloth_tags", []))
+    return [t for t in rec["tags"] if t not in cloth and not t.endswith(("_hair", "_eyes", "hair", "twintails"))]
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> float tensor (3, H, W) in [-1, 1], the diffusers convention."""
     return TF.pil_to_tensor(image.convert("RGB")).float().div(127.5).sub(1.0)
@@ -151,13 +162,18 @@ class RetriBooruDataset(Dataset):
     (N, 3, R, R) in [-1, 1]; ``concepts`` and ``reference_ids`` (N strings each); ``task``
     ("recon" or "compose"). Use ``collate`` as the DataLoader's ``collate_fn``.
 
+    ``prompt_tags``: "all" (the prompt is every tag of the target) or "neutral" (``neutral_tags``:
+    no hair, eyes or clothes words, so what the character looks like can only come from the
+    references).
+
     Randomness (which references, which concepts, which augmentations) depends only on
     ``seed``, the epoch set by ``set_epoch`` and the index, so a resumed run sees the same
     samples as an uninterrupted one.
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", task: str = "recon",
-                 setting: str = "b", num_references: int = 4, resolution: int = 256, seed: int = 0):
+                 setting: str = "b", num_references: int = 4, resolution: int = 256, seed: int = 0,
+                 prompt_tags: str = "all"):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if setting not in SETTINGS:
@@ -166,6 +182,9 @@ class RetriBooruDataset(Dataset):
             raise ValueError(f"{num_references} references asked for; between 1 and 16 are supported")
         if not 8 <= resolution <= 4096:
             raise ValueError(f"resolution {resolution} is outside 8..4096")
+        if prompt_tags not in PROMPT_TAGS:
+            raise ValueError(f"unknown prompt_tags {prompt_tags!r}; expected 'all' or 'neutral'")
+        self.prompt_tags = prompt_tags
         self.root = Path(root)
         self.task, self.setting, self.seed = task, setting, seed
         self.num_references, self.resolution = num_references, resolution
@@ -266,7 +285,7 @@ class RetriBooruDataset(Dataset):
             "pixel_values": to_tensor(target),  # (3, R, R)
             "valid_mask": box_mask(valid, size),  # (1, R, R)
             "face_mask": box_mask(face, size),  # (1, R, R)
-            "prompt": prompt_from_tags(rec["tags"]),
+            "prompt": prompt_from_tags(rec["tags"] if self.prompt_tags == "all" else neutral_tags(rec)),
             "reference_pixel_values": torch.stack([to_tensor(r.image) for r in refs]),  # (N, 3, R, R)
             "concepts": [r.concept for r in refs],
             "reference_ids": [r.source_id for r in refs],

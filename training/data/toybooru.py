@@ -12,8 +12,12 @@ legs, lean), position, scale, horizontal flip, background, and framing (full fig
 close-up, upside-down, head near the bottom; the last three exercise the paper's
 "y_max > 2/3 of the height" rule).
 
-Run ``python -m training.data.toybooru --out DIR --num-images N --seed S --size PX``. The same
-arguments give byte-identical files.
+``--scene demo`` draws every picture as a large, upright full figure on a flat background (the
+same characters, outfits and clusters; only the framing changes): what the demo family trains on,
+so that a 64 px picture shows the eyes and patterns that its 16 x 16 latents must keep.
+
+Run ``python -m training.data.toybooru --out DIR --num-images N --seed S --size PX [--scene demo]``.
+The same arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -75,6 +79,28 @@ BG_COLORS = {
     "grey": (215, 215, 220), "lemon": (250, 245, 190),
 }
 SKIN = (255, 226, 204)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """How pictures are framed: the distributions ``render`` draws framing, background, figure
+    height (as a share of the picture side), lean and horizontal head position from."""
+
+    framings: dict[str, float]
+    backgrounds: tuple[str, ...]
+    figure_height: tuple[float, float]
+    leans: tuple[float, ...]
+    head_x: tuple[float, float]
+
+
+# "danbooru": the full variety (odd framings, scenery, small figures), as the detector and the data
+# tools need it. "demo": every picture a large, upright full figure on a flat background, so that a
+# 64 px picture shows eyes and patterns a 16 x 16 latent can keep, and the demo family's tiny
+# models can learn identity (what the papers are about) rather than layout within a CPU budget.
+SCENES = {
+    "danbooru": Scene(FRAMINGS, BACKGROUNDS, (0.62, 0.95), LEANS, (0.3, 0.7)),
+    "demo": Scene({"full": 1.0}, ("flat",), (0.9, 0.98), (0.0,), (0.42, 0.58)),
+}
 _BINARY = [0] * 128 + [255] * 128  # threshold look-up table for masks
 
 
@@ -452,19 +478,19 @@ def _choose(rng: random.Random, table: dict[str, float]) -> str:
     return key
 
 
-def render(cluster: Cluster, size: int, rng: random.Random):
+def render(cluster: Cluster, size: int, rng: random.Random, scene: Scene = SCENES["danbooru"]):
     """Draw one picture of ``cluster``: (image RGB, mask L 0/255, head box, tags, cloth tags, truth)."""
     char, artist, outfit = cluster.character, cluster.artist, cluster.outfit
-    pose = Pose(rng.choice(sorted(ARMS)), rng.choice(sorted(LEGS)), rng.choice(LEANS))
-    framing = _choose(rng, FRAMINGS)
+    pose = Pose(rng.choice(sorted(ARMS)), rng.choice(sorted(LEGS)), rng.choice(scene.leans))
+    framing = _choose(rng, scene.framings)
     flip = rng.random() < 0.5
-    bg_kind = rng.choice(BACKGROUNDS)
+    bg_kind = rng.choice(scene.backgrounds)
     image, bg_tags, bg_truth = _background(size, rng, bg_kind)
 
     if framing == "closeup":
         fig_h = rng.uniform(2.4, 3.4) * size  # the head is about a quarter of the figure
     else:
-        fig_h = rng.uniform(0.62, 0.95) * size
+        fig_h = rng.uniform(*scene.figure_height) * size
     ss = 2 if fig_h < size else 1  # supersampling: small figures are drawn twice as large, then reduced
     k = fig_h / 200.0
     canvas = _Canvas(k * ss, artist)
@@ -494,7 +520,7 @@ def render(cluster: Cluster, size: int, rng: random.Random):
         fig = layer.getchannel("A").getbbox() or (0, 0, 1, 1)
         top_to_head = hcy - fig[1]
         lo, hi = 0.02 * size, max(0.03 * size, size - (fig[3] - fig[1]) * rng.uniform(0.85, 1.0))
-        target = (rng.uniform(0.3, 0.7) * size, rng.uniform(lo, hi) + top_to_head)
+        target = (rng.uniform(*scene.head_x) * size, rng.uniform(lo, hi) + top_to_head)
     ox, oy = round(target[0] - hcx), round(target[1] - hcy)
 
     image.paste(layer.convert("RGB"), (ox, oy), layer.getchannel("A"))
@@ -543,8 +569,8 @@ def assign_images(clusters: list[Cluster], num_images: int, seed: int) -> list[C
 
 
 def generate(out: str | os.PathLike, num_images: int, seed: int = 0, size: int = 128,
-             overwrite: bool = False) -> Path:
-    """Write a Toybooru data set to ``out`` and return its path.
+             overwrite: bool = False, scene: str = "danbooru") -> Path:
+    """Write a Toybooru data set to ``out`` and return its path; ``scene`` names one of ``SCENES``.
 
     Everything is written to a temporary folder beside ``out`` and moved into place at the end,
     so an interrupted run never leaves a half-written data set behind.
@@ -553,6 +579,8 @@ def generate(out: str | os.PathLike, num_images: int, seed: int = 0, size: int =
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     if not 32 <= size <= 2048:
         raise ValueError(f"size must be between 32 and 2048 pixels, got {size}")
+    if scene not in SCENES:
+        raise ValueError(f"unknown scene {scene!r}; expected one of {', '.join(SCENES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -573,7 +601,7 @@ def generate(out: str | os.PathLike, num_images: int, seed: int = 0, size: int =
         records = []
         for i, (pid, cl) in enumerate(zip(ids, members)):
             rng = random.Random(f"toybooru-image/{seed}/{i}")
-            image, mask, face_bbox, tags, cloth_tags, truth = render(cl, size, rng)
+            image, mask, face_bbox, tags, cloth_tags, truth = render(cl, size, rng, SCENES[scene])
             image.save(tmp / "images" / f"{pid}.png", compress_level=1)
             mask.save(tmp / "masks" / f"{pid}.png", compress_level=1)
             records.append({
@@ -591,7 +619,7 @@ def generate(out: str | os.PathLike, num_images: int, seed: int = 0, size: int =
                 f.write(json.dumps(r, sort_keys=False) + "\n")
         info = {
             "generator": "toybooru", "version": GENERATOR_VERSION,
-            "args": {"num_images": num_images, "seed": seed, "size": size},
+            "args": {"num_images": num_images, "seed": seed, "size": size, "scene": scene},
             "num_clusters": len(by_cluster),
             "characters": sorted({(c.character.name, c.character.split) for c in clusters}),
             "splits": {s: sum(r["split"] == s for r in records) for s in ("train", "test")},
@@ -617,13 +645,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1000, help="number of pictures")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--size", type=int, default=128, help="picture side in pixels (square)")
+    p.add_argument("--scene", choices=sorted(SCENES), default="danbooru",
+                   help="framing: 'danbooru' (every framing and background) or 'demo' (large upright figures on "
+                        "flat backgrounds, what the demo family is trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Toybooru folder")
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
-    out = generate(args.out, args.num_images, args.seed, args.size, overwrite=args.overwrite)
+    out = generate(args.out, args.num_images, args.seed, args.size, overwrite=args.overwrite,
+                   scene=args.scene)
     dt = time.perf_counter() - t0
     print(f"wrote {args.num_images} pictures to {out} in {dt:.1f} s ({args.num_images / dt:.0f} pictures/s)")
     return out

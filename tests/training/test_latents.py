@@ -1,0 +1,184 @@
+"""The latent cache, the demo scene of Toybooru, neutral prompts, and the scripts' --cache-latents."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from pipelines.components import TINY_VAE
+from training.core import read_metrics
+from training.data.retribooru import RetriBooruDataset, neutral_tags, read_annotations
+from training.data.toybooru import SCENES, generate
+from training.latents import LatentCache
+
+
+class CountingVAE(torch.nn.Module):
+    """A tiny AutoencoderKL that counts the pictures it encodes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vae = AutoencoderKL(**TINY_VAE).eval()
+        self.encoded = 0
+
+    @property
+    def device(self):
+        return self.vae.device
+
+    @property
+    def dtype(self):
+        return self.vae.dtype
+
+    def encode(self, x):
+        self.encoded += x.shape[0]
+        return self.vae.encode(x)
+
+
+def test_cache_encodes_each_picture_once_and_matches_the_vae():
+    vae = CountingVAE()
+    cache = LatentCache(vae)
+    pixels = torch.rand(4, 3, 32, 32) * 2 - 1
+    keys = ["a", "b", "a", "c"]  # "a" twice in one batch: the same picture
+    pixels[2] = pixels[0]
+    mean, std = cache.posterior(keys, pixels)
+    assert vae.encoded == 3 and len(cache) == 3
+    with torch.no_grad():
+        ref = vae.vae.encode(pixels).latent_dist
+    assert mean.shape == (4, 4, 16, 16)
+    torch.testing.assert_close(mean, ref.mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(std, ref.std, atol=1e-5, rtol=1e-4)
+    # later batches skip the encoder for known pictures
+    again = cache.mode(["c", "b"], pixels[[3, 1]])
+    assert vae.encoded == 3 and cache.hits == 3 and cache.misses == 3
+    torch.testing.assert_close(again, ref.mean[[3, 1]], atol=1e-5, rtol=1e-4)
+    # a sample draws its noise like DiagonalGaussianDistribution.sample, from the same generator
+    torch.manual_seed(7)
+    drawn = cache.sample(keys, pixels)
+    torch.manual_seed(7)
+    expected = ref.mean + ref.std * torch.randn(ref.mean.shape)
+    torch.testing.assert_close(drawn, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_full_cache_still_answers_and_bad_input_is_refused():
+    vae = CountingVAE()
+    cache = LatentCache(vae, max_items=2)
+    pixels = torch.rand(3, 3, 32, 32)
+    mean, _ = cache.posterior(["x", "y", "z"], pixels)
+    assert len(cache) == 2 and mean.shape[0] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(mean[2], vae.vae.encode(pixels[2:]).latent_dist.mean[0], atol=1e-5, rtol=1e-4)
+    cache.posterior(["z"], pixels[2:])
+    assert vae.encoded == 4  # "z" did not fit, so it is encoded again
+    with pytest.raises(ValueError, match="2 keys for 3 pictures"):
+        cache.posterior(["x", "y"], pixels)
+    with pytest.raises(ValueError, match="max_items"):
+        LatentCache(vae, max_items=0)
+
+
+def test_demo_scene_draws_large_upright_full_figures_on_flat_backgrounds(tmp_path):
+    out = generate(tmp_path / "demo", 40, seed=3, size=64, scene="demo")
+    records, _ = read_annotations(out)
+    truth = [r["truth"] for r in records]
+    assert {t["framing"] for t in truth} == {"full"}
+    assert {t["background"]["kind"] for t in truth} == {"flat"}
+    assert {t["pose"]["lean"] for t in truth} == {0.0}
+    lo, hi = SCENES["demo"].figure_height
+    assert all(lo * 64 <= t["figure_height"] <= hi * 64 for t in truth)
+    assert json.loads((out / "toybooru.json").read_text())["args"]["scene"] == "demo"
+    # the same identities as the default scene: the scene changes only how pictures are framed
+    default = generate(tmp_path / "default", 40, seed=3, size=64)
+    other, _ = read_annotations(default)
+    assert [r["cluster"] for r in records] == [r["cluster"] for r in other]
+    assert {r["truth"]["framing"] for r in other} != {"full"} or len(other) < 10
+    with pytest.raises(ValueError, match="unknown scene"):
+        generate(tmp_path / "bad", 4, size=64, scene="nope")
+
+
+def test_neutral_prompts_name_no_identity(toybooru):
+    records, _ = read_annotations(toybooru)
+    rec = records[0]
+    kept = neutral_tags(rec)
+    t = rec["truth"]
+    assert kept and set(kept) < set(rec["tags"])
+    for word in (f"{t['hair_color']}_hair", f"{t['eye_color']}_eyes", *rec["cloth_tags"]):
+        assert word not in kept
+    assert "1girl" in kept
+    ds = RetriBooruDataset(toybooru, "train", task="compose", resolution=32, prompt_tags="neutral")
+    sample = ds[0]
+    assert "hair" not in sample["prompt"] and "eyes" not in sample["prompt"]
+    full = RetriBooruDataset(toybooru, "train", task="compose", resolution=32)[0]["prompt"]
+    assert "hair" in full
+    with pytest.raises(ValueError, match="prompt_tags"):
+        RetriBooruDataset(toybooru, "train", prompt_tags="some")
+
+
+@pytest.mark.parametrize("setting", ["a", "b"])
+def test_retrinet_objective_with_the_cache_equals_the_vae(tiny_sd, toybooru, setting):
+    from pipelines.retrinet import RetriNetModel
+    from training.data.retribooru import collate
+    from training.train_retrinet import RetriNetObjective, load_base, parse_args
+
+    def objective(cache: bool):
+        extra = ["--cache-latents"] if cache else []
+        args = parse_args(["--pretrained", str(tiny_sd), "--data", str(toybooru), "--output-dir", "/unused",
+                           "--resolution", "32", "--setting", setting, "--task", "multitask", *extra])
+        vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(str(tiny_sd))
+        torch.manual_seed(0)
+        retrinet = RetriNetModel.from_unet(unet)
+        for p in retrinet.parameters():  # non-zero zero-convolutions, so that the references count
+            p.data.add_(0.01)
+
+        class Acc:
+            device = torch.device("cpu")
+
+        return RetriNetObjective(args, Acc(), vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler,
+                                 torch.float32)
+
+    ds = RetriBooruDataset(toybooru, "train", task="multitask", setting=setting, num_references=2, resolution=32)
+    batches = [collate([ds[0], ds[1]]), collate([ds[2], ds[0]])]
+    plain, cached = objective(False), objective(True)
+    for batch in batches:
+        torch.manual_seed(5)
+        want = plain(batch)
+        torch.manual_seed(5)
+        got = cached(batch)
+        assert got.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+    # targets always, references only where they are the same picture every time (setting b)
+    targets = {i for batch in batches for i in batch["id"]}
+    references = {(i, c) for batch in batches for ids, cs in zip(batch["reference_ids"], batch["concepts"])
+                  for i, c in zip(ids, cs)}
+    assert len(targets) == 3 and cached.cache.hits > 0
+    assert cached.cache_references == (setting == "b")
+    assert len(cached.cache) == len(targets) + (len(references) if setting == "b" else 0)
+
+
+def test_text_to_image_script_caches_latents(tmp_path, toybooru):
+    from pipelines.components import TINY_UNET
+    from training import train_clip, train_text_to_image, train_vae
+
+    tiny_clip = {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 4, "max_position_embeddings": 77},
+                 "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                   "num_attention_heads": 4, "patch_size": 8}, "projection_dim": 16}
+    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
+    (tmp_path / "clip.json").write_text(json.dumps(tiny_clip))
+    (tmp_path / "unet.json").write_text(json.dumps(dict(TINY_UNET, cross_attention_dim=32)))
+
+    def common(out, steps=1):
+        return ["--output-dir", str(out), "--max-train-steps", str(steps), "--train-batch-size", "4",
+                "--checkpointing-steps", "1", "--logging-steps", "1", "--resolution", "32"]
+
+    train_vae.main(train_vae.parse_args(["--data", str(toybooru), "--vae-config", str(tmp_path / "vae.json"),
+                                         *common(tmp_path / "vae")]))
+    train_clip.main(train_clip.parse_args(["--data", str(toybooru), "--clip-config", str(tmp_path / "clip.json"),
+                                           *common(tmp_path / "clip")]))
+    losses = {}
+    for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
+        train_text_to_image.main(train_text_to_image.parse_args(
+            ["--vae", str(tmp_path / "vae" / "vae"), "--text-encoder", str(tmp_path / "clip" / "clip"),
+             "--data", str(toybooru), "--unet-config", str(tmp_path / "unet.json"), *extra,
+             *common(tmp_path / name, steps=3)]))
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    assert len(losses["plain"]) == 3
+    assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-4)
