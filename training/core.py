@@ -456,7 +456,8 @@ def prepare_optimisation(accelerator: Accelerator, args, model: torch.nn.Module)
     """AdamW over ``model``'s parameters with ``warmup_cosine``, all passed through
     ``accelerator.prepare``; returns (model, optimizer, lr_scheduler). Accelerate steps a prepared
     scheduler once per process per optimiser step, so the schedule counts in those."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen parts stay out of AdamW's decay
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     n = accelerator.num_processes
     lr_scheduler = warmup_cosine(optimizer, args.max_train_steps * n, args.lr_warmup_steps * n)
     return accelerator.prepare(model, optimizer, lr_scheduler)

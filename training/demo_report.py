@@ -205,7 +205,7 @@ def retrinet_pipeline(folder: Path):
 
 
 def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from pipelines.metrics import ClipScorer, face_distance
     from pipelines.metrics.attributes import AttributeClassifier
@@ -225,7 +225,9 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     logger.info("judge on VAE reconstructions: %s", figures["vae_ceiling"])
 
     # base model: full tag prompts of test pictures
-    base = StableDiffusionPipeline.from_pretrained(work / "runs" / "base" / "pipeline", safety_checker=None)
+    # the shipped VAE (its decoder trained on after the base; the same encoder and latents)
+    base = StableDiffusionPipeline.from_pretrained(work / "runs" / "base" / "pipeline", safety_checker=None,
+                                                   vae=AutoencoderKL.from_pretrained(out / "retrinet" / "vae"))
     base.set_progress_bar_config(disable=True)
     chosen = rng.sample(test, samples)
     prompts = [prompt_from_tags(r["tags"]) for r in chosen]

@@ -8,6 +8,7 @@ checkpoints, and skipped when its output is already complete):
 
     data       Toybooru at 64 px, demo scene          python -m training.data.toybooru
     vae        AutoencoderKL, 64 px -> 16x16x4        training.train_vae
+    vae-decoder its decoder trained on alone          training.train_vae --decoder-only (shipped)
     clip       CLIPModel + word-level tokenizer       training.train_clip
     base       text-to-image UNet (the demo's "SD")   training.train_text_to_image
     retrinet   RetriNet, multitask, setting b         training.train_retrinet
@@ -90,6 +91,12 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         Stage("vae", "training.train_vae", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                             "--face-loss-weight", "1.0", *common("vae", 1500, 32, 1e-3, every=100)],
               ran("vae", "vae"), ("data",), runs / "vae"),
+        # the decoder trained on alone, beside the base and RetriNet (which only see the frozen encoder's latents)
+        Stage("vae-decoder", "training.train_vae",
+              ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20", "--face-loss-weight", "1.0",
+               "--pretrained-vae", str(runs / "vae" / "vae"), "--decoder-only",
+               *common("vae-decoder", 1500, 32, 1e-3, every=100)],
+              ran("vae-decoder", "vae"), ("vae",), runs / "vae-decoder"),
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 400, 128, 5e-4)],
               ran("clip", "clip"), ("data",), runs / "clip"),
@@ -230,6 +237,20 @@ def _replace_dir(src: Path, dst: Path, ignore=None) -> None:
     os.replace(tmp, dst)
 
 
+def shipped_vae(work: Path, vae):
+    """The VAE that ships: ``vae`` with the decoder of the ``vae-decoder`` stage when it ran (the same
+    encoder, so the same latents as the base and RetriNet were trained on)."""
+    from diffusers import AutoencoderKL
+
+    folder = work / "runs" / "vae-decoder" / "vae"
+    if not folder.is_dir():
+        return vae
+    tuned = AutoencoderKL.from_pretrained(folder)
+    if tuned.config.scaling_factor != vae.config.scaling_factor:
+        raise ValueError(f"{folder} has another latent scale than the base's VAE: not a decoder fine-tune of it")
+    return tuned
+
+
 def package(work: Path, out: Path) -> None:
     """Assemble ``out`` from the runs: each public class loads its folder directly."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -244,7 +265,7 @@ def package(work: Path, out: Path) -> None:
     base = StableDiffusionPipeline.from_pretrained(runs / "base" / "pipeline")
     unet = UNet2DConditionModel.from_pretrained(runs / "retrinet" / "unet") \
         if (runs / "retrinet" / "unet").is_dir() else base.unet
-    pipe = RetriNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+    pipe = RetriNetPipeline(vae=shipped_vae(work, base.vae), text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
                             retrinet=RetriNetModel.from_pretrained(runs / "retrinet" / "retrinet"),
                             scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config))
     tmp = out / "retrinet.tmp"

@@ -8,7 +8,9 @@ weight (``--kl-weight``, 1e-6 as in Rombach et al.'s KL-f8), and an MSE between 
 pictures and reconstructions (``--color-loss-weight``): a small VAE trained briefly otherwise gets
 shapes right long before colours, and colours are what the demo's report judges. ``--face-loss-weight``
 adds an MSE over the face boxes' pixels alone: a full figure's eyes are a few pixels that a
-whole-picture loss hardly sees. When training ends, the latents' standard deviation over up to
+whole-picture loss hardly sees. ``--decoder-only`` fine-tunes the decoder of a trained VAE and keeps
+its encoder, so a diffusion model trained on its latents can use the new decoder as it is. When
+training ends, the latents' standard deviation over up to
 1,024 training pictures sets ``scaling_factor`` (SD 1.5's 0.18215 was found the same way), and the
 model is saved to ``OUT/vae``.
 """
@@ -46,11 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of an MSE between 8x8 average-pooled pictures and reconstructions")
     p.add_argument("--face-loss-weight", type=float, default=0.0,
                    help="weight of an MSE over the pixels of each picture's face box (its face_bbox)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train the decoder alone (with --pretrained-vae): the encoder, and so the latent space a "
+                        "diffusion model was trained on, stays as it is (as sd-vae-ft-mse fine-tuned SD's decoder)")
     add_training_arguments(p, learning_rate=1e-3, batch_size=32, max_train_steps=2000, checkpointing_steps=200)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
     if args.kl_weight < 0 or args.color_loss_weight < 0 or args.face_loss_weight < 0:
         p.error("--kl-weight, --color-loss-weight and --face-loss-weight must not be negative")
+    if args.decoder_only and not args.pretrained_vae:
+        p.error("--decoder-only fine-tunes a trained VAE: give --pretrained-vae")
     return args
 
 
@@ -73,15 +80,24 @@ class VAELoss(torch.nn.Module):
     """The VAE and its loss in one ``forward``, so that a data-parallel wrapper (which syncs
     gradients only through ``forward``) sees the whole step."""
 
-    def __init__(self, vae: AutoencoderKL, kl_weight: float, color_weight: float = 0.0, face_weight: float = 0.0):
+    def __init__(self, vae: AutoencoderKL, kl_weight: float, color_weight: float = 0.0, face_weight: float = 0.0,
+                 decoder_only: bool = False):
         super().__init__()
         self.vae, self.kl_weight, self.color_weight, self.face_weight = vae, kl_weight, color_weight, face_weight
+        self.decoder_only = decoder_only
+        if decoder_only:
+            vae.encoder.requires_grad_(False)
+            if vae.quant_conv is not None:
+                vae.quant_conv.requires_grad_(False)
 
     def forward(self, pixels: torch.Tensor, face: torch.Tensor | None = None) -> torch.Tensor:
-        posterior = self.vae.encode(pixels).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            posterior = self.vae.encode(pixels).latent_dist
         recon = self.vae.decode(posterior.sample()).sample.float()
         x = pixels.float()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        if not self.decoder_only:  # a frozen encoder's KL is a constant
+            loss = loss + self.kl_weight * posterior.kl().mean()
         if self.color_weight:  # the colours of 8x8 areas: what the small demo VAE otherwise learns last
             loss = loss + self.color_weight * F.mse_loss(F.avg_pool2d(recon, 8), F.avg_pool2d(x, 8))
         if self.face_weight and face is not None and face.any():
@@ -113,7 +129,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     signature = {"vae": json.loads(json.dumps(dict(vae.config), default=list)),
                  "train_batch_size": args.train_batch_size, "num_processes": accelerator.num_processes,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
-    model = VAELoss(vae, args.kl_weight, args.color_loss_weight, args.face_loss_weight)
+    model = VAELoss(vae, args.kl_weight, args.color_loss_weight, args.face_loss_weight, args.decoder_only)
     model, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, model)
     model.train()
 
@@ -128,7 +144,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"global_step": state.global_step, "output_dir": str(out)}
     if accelerator.is_main_process:
         vae = accelerator.unwrap_model(model).vae
-        scale = latent_scale(vae, dataset)
+        # the decoder alone trained: the latents, and the scale the diffusion model was trained with, are unchanged
+        scale = vae.config.scaling_factor if args.decoder_only else latent_scale(vae, dataset)
         vae.register_to_config(scaling_factor=scale)
         vae.save_pretrained(out / "vae")
         result["scaling_factor"] = scale

@@ -182,3 +182,44 @@ def test_text_to_image_script_caches_latents(tmp_path, toybooru):
         losses[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
     assert len(losses["plain"]) == 3
     assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
+def test_vae_decoder_only_keeps_the_encoder_and_its_scale(tmp_path, toybooru):
+    from training import train_vae
+
+    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
+
+    def common(out, steps):
+        return ["--data", str(toybooru), "--output-dir", str(out), "--max-train-steps", str(steps),
+                "--train-batch-size", "4", "--checkpointing-steps", "10", "--logging-steps", "1", "--resolution", "32"]
+
+    train_vae.main(train_vae.parse_args(["--vae-config", str(tmp_path / "vae.json"), *common(tmp_path / "first", 1)]))
+    result = train_vae.main(train_vae.parse_args(["--pretrained-vae", str(tmp_path / "first" / "vae"), "--decoder-only",
+                                                  "--learning-rate", "1e-2", *common(tmp_path / "dec", 2)]))
+    before = AutoencoderKL.from_pretrained(tmp_path / "first" / "vae")
+    after = AutoencoderKL.from_pretrained(tmp_path / "dec" / "vae")
+    assert result["scaling_factor"] == before.config.scaling_factor == after.config.scaling_factor
+    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(a, b), name
+    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
+               if n.startswith("decoder.") and not torch.equal(a, b)]
+    assert changed
+    with pytest.raises(SystemExit):
+        train_vae.parse_args(["--decoder-only", *common(tmp_path / "bad", 1)])
+
+
+def test_the_shipped_vae_takes_the_decoder_stage_only_with_the_same_latent_scale(tmp_path):
+    from training.demo_zoo import plan, shipped_vae
+
+    base = AutoencoderKL(**TINY_VAE, scaling_factor=0.5)
+    assert shipped_vae(tmp_path, base) is base  # no decoder stage ran
+    folder = tmp_path / "runs" / "vae-decoder" / "vae"
+    AutoencoderKL(**TINY_VAE, scaling_factor=0.5).save_pretrained(folder)
+    tuned = shipped_vae(tmp_path, base)
+    assert tuned is not base and tuned.config.scaling_factor == 0.5
+    AutoencoderKL(**TINY_VAE, scaling_factor=0.7).save_pretrained(folder)
+    with pytest.raises(ValueError, match="another latent scale"):
+        shipped_vae(tmp_path, base)
+    stage = plan(tmp_path, tmp_path / "out")["vae-decoder"]
+    assert stage.needs == ("vae",) and "--decoder-only" in stage.args
