@@ -116,7 +116,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
                "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
               ran("semantica", "semantica"), ("base",), runs / "semantica"),
         Stage("judge", "training.train_judge", ["--data", str(data), "--width", "24", "--lr-warmup-steps", "20",
-                                                *common("judge", 2000, 64, 3e-3, every=100)],
+                                                "--degrade", "0.5", *common("judge", 1200, 64, 3e-3, every=100)],
               ran("judge", "judge"), ("data",), runs / "judge"),
         Stage("data-det", "training.data.toybooru",
               ["--out", str(data_det), "--num-images", "2400", "--seed", str(seed), "--size", "128"],
@@ -177,8 +177,10 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                 ready = sum(all(n in finished for n in s.needs) for s in pending)
                 # the CPU threads are shared by what runs now and what could start with it
                 threads = max(1, cpus // max(1, min(jobs, len(running) + ready)))
+                # idle OpenMP threads sleep: spinning ones take the core a stage beside them needs
                 env = dict(os.environ, OMP_NUM_THREADS=str(stage.threads or threads),
                            MKL_NUM_THREADS=str(stage.threads or threads),
+                           OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                            PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
                 log = open(work / "logs" / f"{stage.name}.log", "a")
                 logger.info("%s: %s", stage.name, " ".join(stage.command))
@@ -275,6 +277,12 @@ def package(work: Path, out: Path) -> None:
     os.replace(tmp, out / "retrinet")
     if (runs / "semantica" / "semantica").is_dir():
         _replace_dir(runs / "semantica" / "semantica", out / "semantica")
+        if pipe.vae is not base.vae:  # Semantica trained on the base's latents too: it takes the same decoder
+            tmp = out / "semantica" / "vae.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            pipe.vae.save_pretrained(tmp)
+            shutil.rmtree(out / "semantica" / "vae")
+            os.replace(tmp, out / "semantica" / "vae")
     if (runs / "detector" / "export").is_dir():
         _replace_dir(runs / "detector" / "export", out / "detector")
 

@@ -4,8 +4,9 @@
 
 Labels are Toybooru's ground truth (``truth`` of each record): hair colour and style, eye
 colour, garment, outfit colour and pattern. Trained on the ``train`` split; its accuracy per
-attribute on the ``test`` split is written to ``OUT/accuracy.json`` and the model to
-``OUT/judge``.
+attribute on the ``test`` split (and on the same pictures made soft by ``degrade``) is written to
+``OUT/accuracy.json`` and the model to ``OUT/judge``. ``--degrade`` trains on a share of soft
+pictures too, so that the judge reads a tiny generator's soft pictures as well as crisp ones.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 from pipelines.metrics.attributes import AttributeClassifier
 from training.core import (Trainer, WithLoss, add_training_arguments, check_training_arguments, prepare_optimisation,
@@ -34,10 +37,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="a Toybooru folder (records with `truth`)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--width", type=int, default=16)
+    p.add_argument("--degrade", type=float, default=0.0,
+                   help="share of training pictures blurred, resampled and noised (``degrade``), so that the judge "
+                        "also reads soft pictures such as a small autoencoder's or a tiny diffusion model's")
     add_training_arguments(p, learning_rate=2e-3, batch_size=64, max_train_steps=600, checkpointing_steps=100)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
+    if not 0 <= args.degrade <= 1:
+        p.error("--degrade must be between 0 and 1")
     return args
+
+
+def degrade(pixels: torch.Tensor, share: float) -> torch.Tensor:
+    """``pixels`` (B, 3, R, R) in [-1, 1] with a ``share`` of them made soft: each chosen picture is
+    shrunk by a factor in [1, 3] and brought back (bilinear), blurred (Gaussian, sigma in [0.1, 1.2])
+    and noised (sigma in [0, 0.06]); the draws come from torch's generator (checkpointed with the run)."""
+    if share <= 0:
+        return pixels
+    b, _, h, w = pixels.shape
+    chosen = (torch.rand(b) < share).nonzero().flatten().tolist()
+    factors, sigmas, noise = torch.rand(b) * 2 + 1, torch.rand(b) * 1.1 + 0.1, torch.rand(b) * 0.06
+    out = pixels.clone()
+    for i in chosen:
+        x = pixels[i:i + 1]
+        small = (max(4, round(h / factors[i].item())), max(4, round(w / factors[i].item())))
+        x = F.interpolate(F.interpolate(x, size=small, mode="bilinear", antialias=True, align_corners=False),
+                          size=(h, w), mode="bilinear", align_corners=False)
+        x = TF.gaussian_blur(x, kernel_size=5, sigma=sigmas[i].item())
+        out[i] = (x[0] + noise[i] * torch.randn_like(x[0])).clamp(-1, 1)
+    return out
 
 
 def labelled(dataset: TaggedImages) -> dict[str, list[str]]:
@@ -71,9 +99,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     def loss_fn(batch):
         labels = {k: v[batch["index"]].to(accelerator.device) for k, v in targets.items()}
-        return model(batch["pixel_values"].to(accelerator.device), labels)
+        return model(degrade(batch["pixel_values"], args.degrade).to(accelerator.device), labels)
 
-    signature = {"attributes": classes, "width": args.width, "num_processes": accelerator.num_processes,
+    signature = {"attributes": classes, "width": args.width, "degrade": args.degrade, "num_processes": accelerator.num_processes,
                  "train_batch_size": args.train_batch_size}
     trainer = Trainer(accelerator, trainer_config(args), train, collate_images, [model], optimizer, lr_scheduler,
                       loss_fn, signature)
@@ -84,9 +112,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         judge = accelerator.unwrap_model(model).model
         test = TaggedImages(args.data, "test", args.resolution, flip=False)
         result["accuracy"] = accuracy(judge, test)
+        with torch.random.fork_rng(devices=[]):  # the same soft test pictures whatever the run's RNG state
+            torch.manual_seed(0)
+            soft = TaggedImages(args.data, "test", args.resolution, flip=False)
+            soft.pixels = ((degrade(soft.pixels.float().div(127.5).sub(1.0), 1.0) + 1) * 127.5).round().byte()
+        result["accuracy_soft"] = accuracy(judge, soft)
         judge.save_pretrained(out / "judge")
         (out / "accuracy.json").write_text(json.dumps({"split": "test", "pictures": len(test),
-                                                       "accuracy": result["accuracy"]}, indent=1))
+                                                       "accuracy": result["accuracy"],
+                                                       "accuracy_soft": result["accuracy_soft"]}, indent=1))
         logger.info("accuracy on %d test pictures: %s", len(test), result["accuracy"])
     accelerator.wait_for_everyone()
     return result

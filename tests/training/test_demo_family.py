@@ -188,11 +188,22 @@ def test_text_to_image_needs_its_components(toybooru, tmp_path):
 def test_judge_learns_and_reports_accuracy(toybooru, tmp_path):
     from training import train_judge
 
-    result = train_judge.main(train_judge.parse_args(["--data", str(toybooru), "--width", "8",
+    result = train_judge.main(train_judge.parse_args(["--data", str(toybooru), "--width", "8", "--degrade", "0.5",
                                                       *shared(tmp_path, steps=3, batch=8)]))
     acc = json.loads((tmp_path / "accuracy.json").read_text())
-    assert acc["split"] == "test" and set(acc["accuracy"]) == set(train_judge.ATTRIBUTES)
+    assert acc["split"] == "test" and set(acc["accuracy"]) == set(acc["accuracy_soft"]) == set(train_judge.ATTRIBUTES)
     assert all(0 <= v <= 1 for v in acc["accuracy"].values()) and acc["accuracy"] == result["accuracy"]
+    assert acc["accuracy_soft"] == result["accuracy_soft"]
+    # soft pictures: the chosen share changed (blurred, within range), the others untouched
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32) * 2 - 1
+    y = train_judge.degrade(x, 0.5)
+    changed = [not torch.equal(a, b) for a, b in zip(x, y)]
+    assert 10 < sum(changed) < 54 and y.min() >= -1 and y.max() <= 1
+    assert torch.equal(train_judge.degrade(x, 0.0), x) and all(not torch.equal(a, b) for a, b in
+                                                              zip(x, train_judge.degrade(x, 1.0)))
+    with pytest.raises(SystemExit):
+        train_judge.parse_args(["--data", str(toybooru), "--output-dir", str(tmp_path), "--degrade", "1.5"])
     judge = AttributeClassifier.from_pretrained(tmp_path / "judge")
     from PIL import Image
 
