@@ -349,8 +349,13 @@ def render(f: dict[str, Any]) -> str:
              "of the build's Toybooru (`training/demo_report.py` says exactly how). "
              f"{STEPS} DPM-Solver++ steps, guidance {GUIDANCE}, {SIZE} px.", "",
              f"## The judge on real pictures ({j['pictures']} test pictures)", "",
-             "| " + " | ".join(j["accuracy"]) + " |", "|" + "---|" * len(j["accuracy"]),
-             "| " + " | ".join(_pct(v) for v in j["accuracy"].values()) + " |", ""]
+             "| pictures | " + " | ".join(j["accuracy"]) + " |", "|---|" + "---|" * len(j["accuracy"]),
+             "| real | " + " | ".join(_pct(v) for v in j["accuracy"].values()) + " |",
+             *(["| the same made soft | " + " | ".join(_pct(j["accuracy_soft"][k]) for k in j["accuracy"]) + " |"]
+               if "accuracy_soft" in j else []), "",
+             "A small CNN trained on the ground truth of Toybooru's training pictures (`training.train_judge`), "
+             "a share of them made soft (shrunk, blurred, noised) so that it also reads a tiny generator's pictures; "
+             "the second row is the test pictures made soft the same way.", ""]
     if "vae_ceiling" in f:
         v = f["vae_ceiling"]
         keys = ["hair_and_outfit_colour", "character_and_outfit", "three_colours", *CHARACTER, *OUTFIT]

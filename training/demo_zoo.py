@@ -64,7 +64,7 @@ class Stage:
         return ["python", "-m", self.module, *self.args]
 
 
-RETRINET_STEPS = 1200  # each of -b (shipped) and -a (the report's comparison): the same budget
+RETRINET_STEPS = 600  # each of -b (shipped) and -a (the report's comparison): the same budget
 
 
 def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
