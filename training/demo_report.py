@@ -353,9 +353,9 @@ def render(f: dict[str, Any]) -> str:
              "| real | " + " | ".join(_pct(v) for v in j["accuracy"].values()) + " |",
              *(["| the same made soft | " + " | ".join(_pct(j["accuracy_soft"][k]) for k in j["accuracy"]) + " |"]
                if "accuracy_soft" in j else []), "",
-             "A small CNN trained on the ground truth of Toybooru's training pictures (`training.train_judge`), "
-             "a share of them made soft (shrunk, blurred, noised) so that it also reads a tiny generator's pictures; "
-             "the second row is the test pictures made soft the same way.", ""]
+             "A small CNN trained on the ground truth of Toybooru's training pictures (`training.train_judge`)"
+             + ("; the second row is the test pictures made soft (shrunk, blurred, noised: `train_judge.degrade`)."
+                if "accuracy_soft" in j else "."), ""]
     if "vae_ceiling" in f:
         v = f["vae_ceiling"]
         keys = ["hair_and_outfit_colour", "character_and_outfit", "three_colours", *CHARACTER, *OUTFIT]

@@ -116,7 +116,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
                "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
               ran("semantica", "semantica"), ("base",), runs / "semantica"),
         Stage("judge", "training.train_judge", ["--data", str(data), "--width", "24", "--lr-warmup-steps", "20",
-                                                "--degrade", "0.5", *common("judge", 1200, 64, 3e-3, every=100)],
+                                                *common("judge", 2000, 64, 3e-3, every=100)],
               ran("judge", "judge"), ("data",), runs / "judge"),
         Stage("data-det", "training.data.toybooru",
               ["--out", str(data_det), "--num-images", "2400", "--seed", str(seed), "--size", "128"],
