@@ -267,7 +267,8 @@ def package(work: Path, out: Path) -> None:
     base = StableDiffusionPipeline.from_pretrained(runs / "base" / "pipeline")
     unet = UNet2DConditionModel.from_pretrained(runs / "retrinet" / "unet") \
         if (runs / "retrinet" / "unet").is_dir() else base.unet
-    pipe = RetriNetPipeline(vae=shipped_vae(work, base.vae), text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+    pipe = RetriNetPipeline(vae=shipped_vae(work, base.vae), text_encoder=base.text_encoder,
+                            tokenizer=base.tokenizer, unet=unet,
                             retrinet=RetriNetModel.from_pretrained(runs / "retrinet" / "retrinet"),
                             scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config))
     tmp = out / "retrinet.tmp"
@@ -281,7 +282,7 @@ def package(work: Path, out: Path) -> None:
             tmp = out / "semantica" / "vae.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             pipe.vae.save_pretrained(tmp)
-            shutil.rmtree(out / "semantica" / "vae")
+            shutil.rmtree(out / "semantica" / "vae", ignore_errors=True)
             os.replace(tmp, out / "semantica" / "vae")
     if (runs / "detector" / "export").is_dir():
         _replace_dir(runs / "detector" / "export", out / "detector")
