@@ -12,6 +12,7 @@ pictures too, so that the judge reads a tiny generator's soft pictures as well a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -101,7 +102,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         labels = {k: v[batch["index"]].to(accelerator.device) for k, v in targets.items()}
         return model(degrade(batch["pixel_values"], args.degrade).to(accelerator.device), labels)
 
-    signature = {"attributes": classes, "width": args.width, "degrade": args.degrade, "num_processes": accelerator.num_processes,
+    signature = {"attributes": classes, "width": args.width, "degrade": args.degrade,
+                 "num_processes": accelerator.num_processes,
                  "train_batch_size": args.train_batch_size}
     trainer = Trainer(accelerator, trainer_config(args), train, collate_images, [model], optimizer, lr_scheduler,
                       loss_fn, signature)
@@ -114,8 +116,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["accuracy"] = accuracy(judge, test)
         with torch.random.fork_rng(devices=[]):  # the same soft test pictures whatever the run's RNG state
             torch.manual_seed(0)
-            soft = TaggedImages(args.data, "test", args.resolution, flip=False)
-            soft.pixels = ((degrade(soft.pixels.float().div(127.5).sub(1.0), 1.0) + 1) * 127.5).round().byte()
+            soft = copy.copy(test)  # the same records; only the pixels change
+            soft.pixels = ((degrade(test.pixels.float().div(127.5).sub(1.0), 1.0) + 1) * 127.5).round().byte()
         result["accuracy_soft"] = accuracy(judge, soft)
         judge.save_pretrained(out / "judge")
         (out / "accuracy.json").write_text(json.dumps({"split": "test", "pictures": len(test),

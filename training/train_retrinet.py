@@ -190,8 +190,8 @@ class RetriNetObjective:
         self.weight_dtype = weight_dtype
         # a target, and a reference under setting b (another picture cut to a concept), is the same picture
         # every time it is drawn; under setting a references are augmented anew each time
-        self.cache = LatentCache(vae) if getattr(args, "cache_latents", False) else None
-        self.cache_references = self.cache is not None and getattr(args, "setting", "b") == "b"
+        self.cache = LatentCache(vae) if args.cache_latents else None
+        self.cache_references = self.cache is not None and args.setting == "b"
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
@@ -337,7 +337,7 @@ def validation_dataset(data: str, split: str | None, args) -> RetriBooruDataset:
         try:
             return RetriBooruDataset(data, sp, task="compose" if args.task != "recon" else "recon", setting="b",
                                      num_references=args.num_references, resolution=args.resolution, seed=1234,
-                                     prompt_tags=getattr(args, "prompt_tags", "all"))
+                                     prompt_tags=args.prompt_tags)
         except ValueError:
             continue
     raise ValueError(f"{data} has no sample to take validation references from")

@@ -185,6 +185,40 @@ def test_text_to_image_needs_its_components(toybooru, tmp_path):
         train_text_to_image.main(args)
 
 
+def test_text_to_image_script_caches_latents(family, toybooru, tmp_path):
+    from training import train_text_to_image
+
+    root, losses = family["root"], {}
+    for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
+        train_text_to_image.main(train_text_to_image.parse_args(
+            ["--vae", str(root / "vae" / "vae"), "--text-encoder", str(root / "clip" / "clip"), "--data", str(toybooru),
+             "--unet-config", str(root / "unet.json"), *extra, *shared(tmp_path / name, steps=3)]))
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    assert len(losses["plain"]) == 3
+    assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
+def test_vae_decoder_only_keeps_the_encoder_and_its_scale(family, toybooru, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from training import train_vae
+
+    first = family["root"] / "vae" / "vae"
+    result = train_vae.main(train_vae.parse_args(["--data", str(toybooru), "--pretrained-vae", str(first),
+                                                  "--decoder-only", "--learning-rate", "1e-2",
+                                                  *shared(tmp_path / "dec")]))
+    before, after = AutoencoderKL.from_pretrained(first), AutoencoderKL.from_pretrained(tmp_path / "dec" / "vae")
+    assert result["scaling_factor"] == before.config.scaling_factor == after.config.scaling_factor
+    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(a, b), name
+    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
+               if n.startswith("decoder.") and not torch.equal(a, b)]
+    assert changed
+    with pytest.raises(SystemExit):
+        train_vae.parse_args(["--data", str(toybooru), "--decoder-only", *shared(tmp_path / "bad")])
+
+
 def test_judge_learns_and_reports_accuracy(toybooru, tmp_path):
     from training import train_judge
 

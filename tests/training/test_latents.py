@@ -1,4 +1,5 @@
-"""The latent cache, the demo scene of Toybooru, neutral prompts, and the scripts' --cache-latents."""
+"""The latent cache, the demo scene of Toybooru, neutral prompts, RetriNet's --cache-latents and the shipped VAE
+(the scripts' --cache-latents and --decoder-only on the tiny family: tests/training/test_demo_family.py)."""
 
 import json
 
@@ -7,7 +8,6 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipelines.components import TINY_VAE
-from training.core import read_metrics
 from training.data.retribooru import RetriBooruDataset, neutral_tags, read_annotations
 from training.data.toybooru import SCENES, generate
 from training.latents import LatentCache
@@ -90,7 +90,7 @@ def test_demo_scene_draws_large_upright_full_figures_on_flat_backgrounds(tmp_pat
     default = generate(tmp_path / "default", 40, seed=3, size=64)
     other, _ = read_annotations(default)
     assert [r["cluster"] for r in records] == [r["cluster"] for r in other]
-    assert {r["truth"]["framing"] for r in other} != {"full"} or len(other) < 10
+    assert {r["truth"]["framing"] for r in other} != {"full"}
     with pytest.raises(ValueError, match="unknown scene"):
         generate(tmp_path / "bad", 4, size=64, scene="nope")
 
@@ -151,62 +151,6 @@ def test_retrinet_objective_with_the_cache_equals_the_vae(tiny_sd, toybooru, set
     assert len(targets) == 3 and cached.cache.hits > 0
     assert cached.cache_references == (setting == "b")
     assert len(cached.cache) == len(targets) + (len(references) if setting == "b" else 0)
-
-
-def test_text_to_image_script_caches_latents(tmp_path, toybooru):
-    from pipelines.components import TINY_UNET
-    from training import train_clip, train_text_to_image, train_vae
-
-    tiny_clip = {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                 "num_attention_heads": 4, "max_position_embeddings": 77},
-                 "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                   "num_attention_heads": 4, "patch_size": 8}, "projection_dim": 16}
-    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
-    (tmp_path / "clip.json").write_text(json.dumps(tiny_clip))
-    (tmp_path / "unet.json").write_text(json.dumps(dict(TINY_UNET, cross_attention_dim=32)))
-
-    def common(out, steps=1):
-        return ["--output-dir", str(out), "--max-train-steps", str(steps), "--train-batch-size", "4",
-                "--checkpointing-steps", "1", "--logging-steps", "1", "--resolution", "32"]
-
-    train_vae.main(train_vae.parse_args(["--data", str(toybooru), "--vae-config", str(tmp_path / "vae.json"),
-                                         *common(tmp_path / "vae")]))
-    train_clip.main(train_clip.parse_args(["--data", str(toybooru), "--clip-config", str(tmp_path / "clip.json"),
-                                           *common(tmp_path / "clip")]))
-    losses = {}
-    for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
-        train_text_to_image.main(train_text_to_image.parse_args(
-            ["--vae", str(tmp_path / "vae" / "vae"), "--text-encoder", str(tmp_path / "clip" / "clip"),
-             "--data", str(toybooru), "--unet-config", str(tmp_path / "unet.json"), *extra,
-             *common(tmp_path / name, steps=3)]))
-        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
-    assert len(losses["plain"]) == 3
-    assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-4)
-
-
-def test_vae_decoder_only_keeps_the_encoder_and_its_scale(tmp_path, toybooru):
-    from training import train_vae
-
-    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
-
-    def common(out, steps):
-        return ["--data", str(toybooru), "--output-dir", str(out), "--max-train-steps", str(steps),
-                "--train-batch-size", "4", "--checkpointing-steps", "10", "--logging-steps", "1", "--resolution", "32"]
-
-    train_vae.main(train_vae.parse_args(["--vae-config", str(tmp_path / "vae.json"), *common(tmp_path / "first", 1)]))
-    result = train_vae.main(train_vae.parse_args(["--pretrained-vae", str(tmp_path / "first" / "vae"), "--decoder-only",
-                                                  "--learning-rate", "1e-2", *common(tmp_path / "dec", 2)]))
-    before = AutoencoderKL.from_pretrained(tmp_path / "first" / "vae")
-    after = AutoencoderKL.from_pretrained(tmp_path / "dec" / "vae")
-    assert result["scaling_factor"] == before.config.scaling_factor == after.config.scaling_factor
-    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
-        if name.startswith(("encoder.", "quant_conv.")):
-            assert torch.equal(a, b), name
-    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
-               if n.startswith("decoder.") and not torch.equal(a, b)]
-    assert changed
-    with pytest.raises(SystemExit):
-        train_vae.parse_args(["--decoder-only", *common(tmp_path / "bad", 1)])
 
 
 def test_the_shipped_vae_takes_the_decoder_stage_only_with_the_same_latent_scale(tmp_path):
