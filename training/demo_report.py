@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -196,6 +198,51 @@ def prompt_gap(base, batch: dict[str, Any], seed: int) -> float:
     return relative_gap(*losses)
 
 
+def gap_curves(work: Path) -> dict[str, dict[str, Any]]:
+    """The reference gap each RetriNet run measured while it trained (every ``--validation-steps``,
+    on a few test samples), for -b (``runs/retrinet``) and -a (``runs/retrinet-a``) if logged:
+    ``{"samples": n, "gap": {step: gap}}``."""
+    from training.core import read_metrics
+    from training.train_retrinet import GAP_LOG
+
+    curves = {}
+    for name, run in (("b", "retrinet"), ("a", "retrinet-a")):
+        rows = [r for r in read_metrics(work / "runs" / run / "validation" / GAP_LOG) if "gap" in r]
+        if rows:
+            curves[name] = {"samples": rows[-1].get("samples"), "gap": {int(r["step"]): r["gap"] for r in rows}}
+    return curves
+
+
+def matched_checkpoints(work: Path, like) -> dict[str, Any]:
+    """-b and -a at the same step when -a has not finished: their last common checkpoint, made
+    into pipelines (``training.export``, cached in ``WORK/report-models``) with the VAE and
+    scheduler of ``like``; named "b at step N" and "a at step N". Empty if there is none."""
+    from pipelines.retrinet import RetriNetPipeline
+    from training.checkpoints import list_checkpoints
+    from training.export import export_retrinet
+
+    runs = work / "runs"
+    b, a = dict(list_checkpoints(runs / "retrinet")), dict(list_checkpoints(runs / "retrinet-a"))
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {}
+    step = common[-1]
+    pipes = {}
+    for name, checkpoint in (("b", b[step]), ("a", a[step])):
+        folder = work / "report-models" / f"retrinet-{name}-step-{step}"
+        if not (folder / "model_index.json").is_file():
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            export_retrinet(checkpoint, str(runs / "base" / "pipeline"), tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        pipe = RetriNetPipeline.from_pretrained(folder, vae=like.vae, scheduler=like.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        pipes[f"{name} at step {step}"] = pipe
+    return pipes
+
+
 def retrinet_pipeline(folder: Path):
     from pipelines.retrinet import RetriNetPipeline
 
@@ -292,6 +339,9 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
                                   retrinet=RetriNetModel.from_pretrained(a_dir / "retrinet"), scheduler=pipe.scheduler)
         pipe_a.set_progress_bar_config(disable=True)
         runs["a"] = (pipe_a, _batched(pipe_a, prompts, refs, seed))
+    else:  # -a has not finished: both settings at the last step both have a checkpoint of
+        for name, matched in matched_checkpoints(work, pipe).items():
+            runs[name] = (matched, _batched(matched, prompts, refs, seed))
     for name, (_, images) in runs.items():
         clip_i = clip.clip_i(images, [[x.image for x in rr] for rr in refs])
         clip_t = clip.clip_t(images, prompts)
@@ -304,6 +354,7 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     batch = gap_samples(root, seed, GAP_SAMPLES)
     figures["reference_gap"] = {name: gaps(p, batch, seed) for name, (p, _) in runs.items()}
     figures["prompt_gap"] = prompt_gap(base, batch, seed)
+    figures["gap_during_training"] = gap_curves(work)
     logger.info("reference gap: %s", {k: v["gap"] for k, v in figures["reference_gap"].items()})
 
     # Semantica: one-shot few-shot metrics against a model that copies its input
@@ -392,8 +443,12 @@ def render(f: dict[str, Any]) -> str:
     s = f["settings"]
     if s:
         keys = [k for k in next(iter(s.values())) if k != "pictures"]
-        lines += ["## Settings -a and -b with the same budget (in-domain composition set)", "",
-                  "| setting | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += ["## Settings -a and -b with the same budget (in-domain composition set)", ""]
+        if any(" at step " in name for name in s):
+            lines += ["The -a run had not finished when this report was written: both settings are compared at the "
+                      "last step both have a checkpoint of (the same learning-rate schedule, the same steps), beside "
+                      "the shipped -b.", ""]
+        lines += ["| setting | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, v in s.items():
             lines.append(f"| -{name} | " + " | ".join(f"{v[k]:.4f}" if k in v else "-" for k in keys) + " |")
         lines += ["", "CLIP-I, CLIP-T and the face embeddings come from the demo CLIP; DF-L2 counts only pictures "
@@ -414,6 +469,23 @@ def render(f: dict[str, Any]) -> str:
         for name, v in g.items():
             lines.append(f"| -{name} | **{_pct(v['gap'])}** | " + " | ".join(
                 f"{o:.4f} / {x:.4f} / {z:.4f}" for o, x, z in zip(v["own"], v["other"], v["none"])) + " |")
+        lines.append("")
+    curves = f.get("gap_during_training") or {}
+    if curves:
+        # JSON turned the steps into strings
+        by_step = {name: {int(k): g for k, g in c["gap"].items()} for name, c in curves.items()}
+        steps = sorted({k for c in by_step.values() for k in c})
+        every = max(1, len(steps) // 10)  # about ten rows, the last step always among them
+        shown = [k for i, k in enumerate(steps) if (len(steps) - 1 - i) % every == 0]
+        samples = sorted({c["samples"] for c in curves.values() if c.get("samples")})
+        lines += ["### The gap while training", "",
+                  "The same measure, taken by each run as it trained (`--validation-steps`, on "
+                  f"{' / '.join(map(str, samples)) or 'a few'} test samples, so noisier; `validation/reference_gap.jsonl` "
+                  "of the run): how fast each setting learns to read its references.", "",
+                  "| step | " + " | ".join(f"-{n}" for n in by_step) + " |", "|---|" + "---|" * len(by_step)]
+        for k in shown:
+            lines.append(f"| {k} | " + " | ".join(f"{100 * c[k]:.2f} %" if k in c else "-" for c in by_step.values())
+                         + " |")
         lines.append("")
     if "semantica" in f:
         lines += ["## Semantica: one-shot FID, precision and recall", "", "```", json.dumps(f["semantica"], indent=1),

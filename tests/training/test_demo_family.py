@@ -265,6 +265,26 @@ def test_every_stage_command_parses(tmp_path):
         module.parse_args(stage.args)  # exits on an unknown or bad argument
 
 
+def test_stages_option_runs_the_named_stages_and_packages_when_asked(tmp_path, monkeypatch):
+    from training import demo_zoo
+
+    calls = []
+    monkeypatch.setattr(demo_zoo, "run_stages", lambda stages, work, jobs, only: calls.append(("run", only)) or {})
+    monkeypatch.setattr(demo_zoo, "package", lambda work, out: calls.append(("package", out)))
+    monkeypatch.setattr(demo_zoo, "write_manifest", lambda out, records, seed: calls.append(("manifest", seed)) or {})
+    base = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    demo_zoo.main(demo_zoo.parse_args([*base, "--stages", "package"]))  # only assemble what the runs made
+    assert calls == [("run", set()), ("package", (tmp_path / "out").resolve()), ("manifest", 0)]
+    calls.clear()
+    demo_zoo.main(demo_zoo.parse_args([*base, "--stages", "clip, judge"]))
+    assert calls == [("run", {"clip", "judge"})]
+    calls.clear()
+    demo_zoo.main(demo_zoo.parse_args(base))
+    assert [c[0] for c in calls] == ["run", "package", "manifest"] and calls[0][1] is None
+    with pytest.raises(ValueError, match=r"unknown stages \['nosuch'\]"):
+        demo_zoo.main(demo_zoo.parse_args([*base, "--stages", "clip,nosuch"]))
+
+
 def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkeypatch):
     from training.demo_zoo import Stage, run_stages
 
@@ -336,7 +356,9 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
         train_retrinet.main(train_retrinet.parse_args(
             ["--pretrained", str(base), "--data", str(toybooru), "--output-dir", str(runs / name), "--resolution", "32",
              "--num-references", "2", "--train-batch-size", "2", "--gradient-accumulation-steps", "1",
-             "--max-train-steps", "1", "--setting", setting, "--retrieval-attention-heads", "4"]))
+             "--max-train-steps", "1", "--checkpointing-steps", "1", "--setting", setting,
+             "--retrieval-attention-heads", "4",
+             *(["--validation-steps", "1", "--validation-inference-steps", "2"] if setting == "b" else [])]))
     train_semantica.main(train_semantica.parse_args(
         ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(toybooru),
          "--output-dir", str(runs / "semantica"), "--resolution", "32", "--train-batch-size", "2",
@@ -359,6 +381,8 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert "semantica" in figures
     assert set(figures["reference_gap"]) == {"a", "b"} and -1 < figures["prompt_gap"] < 1
     assert figures["reference_gap"]["b"]["samples"] >= 2 and len(figures["reference_gap"]["b"]["own"]) == 4
+    curves = figures["gap_during_training"]  # -b logged its gap while training, -a did not
+    assert set(curves) == {"b"} and set(curves["b"]["gap"]) == {1} and curves["b"]["samples"] >= 2
     ceiling = figures["vae_ceiling"]
     assert ceiling["pictures"] > 0 and ceiling["mse"] >= 0
     assert set(ceiling["real"]) == set(ceiling["reconstructed"]) and 0 <= ceiling["real"]["hair_color"] <= 1
@@ -368,8 +392,22 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     report = (out / "REPORT.md").read_text()
     assert "## RetriNet: composition" in report and "report/composition-in.png" in report
     assert "## Do the references matter? (the reference gap)" in report and "| -a | **" in report
+    assert "### The gap while training" in report and "| step | -b |" in report and "\n| 1 | " in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
+
+    # an unfinished -a run: the report compares both settings at their last common checkpoint
+    import torch
+
+    from pipelines.retrinet import RetriNetModel, RetriNetPipeline
+    final_a = RetriNetModel.from_pretrained(runs / "retrinet-a" / "retrinet").state_dict()
+    shutil.rmtree(runs / "retrinet-a" / "retrinet")
+    like = RetriNetPipeline.from_pretrained(out / "retrinet")
+    matched = demo_report.matched_checkpoints(work, like)
+    assert set(matched) == {"b at step 1", "a at step 1"}
+    exported = matched["a at step 1"].retrinet.state_dict()  # the checkpoint of step 1 is the final model
+    assert set(exported) == set(final_a) and all(torch.equal(exported[k], v) for k, v in final_a.items())
+    assert matched["b at step 1"].vae is like.vae and (work / "report-models" / "retrinet-a-step-1").is_dir()
 
 
 def test_the_reference_gap_batch_needs_two_test_samples(toybooru, monkeypatch):
