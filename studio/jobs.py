@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from studio.checks import check_integer as _integer
 from studio.checks import check_number as _number
 from training.checkpoints import list_checkpoints
 from training.export import export_retrinet, export_semantica
+from training.files import replacing_folder
 
 try:  # file locks keep two studios on one workspace from racing past the running-job limit
     import fcntl
@@ -913,16 +913,9 @@ class JobManager:
             lock = self._exports.setdefault(str(target), threading.Lock())
         with lock:
             if not (target / "model_index.json").is_file():
-                tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-                tmp.mkdir(parents=True)
-                try:
+                with replacing_folder(target) as tmp:
                     if job.kind == "retrinet":
                         export_retrinet(source, base.get("pretrained"), tmp)
                     else:
                         export_semantica(source, base.get("pretrained"), base.get("image_encoder"), tmp)
-                    if target.exists():
-                        shutil.rmtree(target)
-                    os.replace(tmp, target)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
         return ModelChoice(job.kind, str(target), checkpoint)

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -220,6 +218,7 @@ def matched_checkpoints(work: Path, like) -> dict[str, Any]:
     from pipelines.retrinet import RetriNetPipeline
     from training.checkpoints import list_checkpoints
     from training.export import export_retrinet
+    from training.files import replacing_folder
 
     runs = work / "runs"
     b, a = dict(list_checkpoints(runs / "retrinet")), dict(list_checkpoints(runs / "retrinet-a"))
@@ -231,12 +230,8 @@ def matched_checkpoints(work: Path, like) -> dict[str, Any]:
     for name, checkpoint in (("b", b[step]), ("a", a[step])):
         folder = work / "report-models" / f"retrinet-{name}-step-{step}"
         if not (folder / "model_index.json").is_file():
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            export_retrinet(checkpoint, str(runs / "base" / "pipeline"), tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            with replacing_folder(folder) as tmp:
+                export_retrinet(checkpoint, str(runs / "base" / "pipeline"), tmp)
         pipe = RetriNetPipeline.from_pretrained(folder, vae=like.vae, scheduler=like.scheduler)
         pipe.set_progress_bar_config(disable=True)
         pipes[f"{name} at step {step}"] = pipe

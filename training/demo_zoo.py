@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from training.core import read_metrics
+from training.files import copy_folder, replacing_folder
 
 logger = logging.getLogger("demo_zoo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,14 +238,6 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _replace_dir(src: Path, dst: Path, ignore=None) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=ignore)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-
-
 def shipped_vae(work: Path, vae):
     """The VAE that ships: ``vae`` with the decoder of the ``vae-decoder`` stage when it ran (the same
     encoder, so the same latents as the base and RetriNet were trained on)."""
@@ -267,8 +260,8 @@ def package(work: Path, out: Path) -> None:
 
     runs = work / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    _replace_dir(runs / "clip" / "clip", out / "clip")
-    _replace_dir(runs / "judge" / "judge", out / "judge")
+    copy_folder(runs / "clip" / "clip", out / "clip")
+    copy_folder(runs / "judge" / "judge", out / "judge")
     shutil.copy(runs / "judge" / "accuracy.json", out / "judge" / "accuracy.json")
     base = StableDiffusionPipeline.from_pretrained(runs / "base" / "pipeline")
     unet = UNet2DConditionModel.from_pretrained(runs / "retrinet" / "unet") \
@@ -277,21 +270,15 @@ def package(work: Path, out: Path) -> None:
                             tokenizer=base.tokenizer, unet=unet,
                             retrinet=RetriNetModel.from_pretrained(runs / "retrinet" / "retrinet"),
                             scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config))
-    tmp = out / "retrinet.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(out / "retrinet", ignore_errors=True)
-    os.replace(tmp, out / "retrinet")
+    with replacing_folder(out / "retrinet") as tmp:
+        pipe.save_pretrained(tmp)
     if (runs / "semantica" / "semantica").is_dir():
-        _replace_dir(runs / "semantica" / "semantica", out / "semantica")
+        copy_folder(runs / "semantica" / "semantica", out / "semantica")
         if pipe.vae is not base.vae:  # Semantica trained on the base's latents too: it takes the same decoder
-            tmp = out / "semantica" / "vae.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            pipe.vae.save_pretrained(tmp)
-            shutil.rmtree(out / "semantica" / "vae", ignore_errors=True)
-            os.replace(tmp, out / "semantica" / "vae")
+            with replacing_folder(out / "semantica" / "vae") as tmp:
+                pipe.vae.save_pretrained(tmp)
     if (runs / "detector" / "export").is_dir():
-        _replace_dir(runs / "detector" / "export", out / "detector")
+        copy_folder(runs / "detector" / "export", out / "detector")
 
 
 def write_manifest(out: Path, records: dict[str, Any], seed: int) -> dict[str, Any]:
