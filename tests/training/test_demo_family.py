@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPTokenizer, CLIPTokenizerFast
@@ -172,6 +173,34 @@ def test_text_to_image_loss_weightings(family):
     assert len({loss(0.0, "uniform"), loss(5.0, "min-snr"), loss(5.0, "p2")}) == 3
     args = parse_args(["--pretrained", "x", "--data", "d", "--output-dir", "o", "--timestep-weighting", "p2"])
     assert args.timestep_weighting == "p2"
+
+
+def test_text_to_image_zero_terminal_snr_trains_and_samples_from_pure_noise(family, toybooru, tmp_path):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from training import train_text_to_image
+
+    root = family["root"]
+    common = ["--vae", str(root / "vae" / "vae"), "--text-encoder", str(root / "clip" / "clip"), "--data",
+              str(toybooru), "--unet-config", str(root / "unet.json")]
+    with pytest.raises(SystemExit):  # at SNR 0 the noise is all there is: epsilon cannot be predicted from it
+        train_text_to_image.parse_args([*common, "--zero-terminal-snr", *shared(tmp_path / "x")])
+    result = train_text_to_image.main(train_text_to_image.parse_args(
+        [*common, "--prediction-type", "v_prediction", "--zero-terminal-snr", "--timestep-weighting", "uniform",
+         *shared(tmp_path / "zsnr")]))
+    assert result["global_step"] == 2 and all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "zsnr" /
+                                                                                           "metrics.jsonl"))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "zsnr" / "pipeline")
+    config = pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == \
+        ("v_prediction", True, "trailing")
+    assert DDPMScheduler.from_config(config).alphas_cumprod[-1] == pytest.approx(0.0, abs=1e-12)
+    pipe.scheduler.set_timesteps(4)
+    assert int(pipe.scheduler.timesteps[0]) == 999  # sampling starts where the picture is gone
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("1girl, blue hair", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
 
 
 def test_text_to_image_needs_its_components(toybooru, tmp_path):
