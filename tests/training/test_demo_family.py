@@ -294,6 +294,18 @@ def test_every_stage_command_parses(tmp_path):
         module.parse_args(stage.args)  # exits on an unknown or bad argument
 
 
+def test_final_step_is_the_last_complete_checkpoint(tmp_path):
+    from training.checkpoints import STATE_FILE
+    from training.demo_report import final_step
+
+    assert final_step(tmp_path / "missing") is None
+    for step, complete in ((150, True), (1500, True), (3000, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_text("{}")
+    assert final_step(tmp_path) == 1500
+
+
 def test_stages_option_runs_the_named_stages_and_packages_when_asked(tmp_path, monkeypatch):
     from training import demo_zoo
 
