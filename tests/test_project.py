@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL_AND_RUN = "pip install -r requirements.txt && python app.py"
 INSTALL_AND_TEST = "pip install -r requirements.txt -r requirements-test.txt && pytest"
@@ -70,3 +72,15 @@ def test_app_defaults_match_the_public_surface():
 
     args = app.parse_args([])
     assert (args.host, args.port, args.zoo) == ("127.0.0.1", 7860, "demo")
+
+
+@pytest.mark.parametrize("module", ["train_vae", "train_clip", "train_text_to_image", "train_retrinet",
+                                    "train_semantica", "train_judge", "train_detector", "demo_zoo", "build_dataset"])
+def test_every_training_command_prints_its_help(module, capsys):
+    """argparse formats help texts with %: a bare "5 %" in one breaks --help of the whole command."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"training.{module}").parse_args(["--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out

@@ -68,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale the noise schedule to a zero SNR at its last step, and sample from there "
                         "(trailing timestep spacing), as Lin et al. (2024) advise; needs v_prediction. Without "
-                        "it the last step keeps a trace of the picture (SD 1.5's keeps 6.8 %), whose mean colour "
+                        "it the last step keeps a trace of the picture (SD 1.5's keeps 6.8 %%), whose mean colour "
                         "a model learns to read from the noise and then invents at sampling time; the smaller "
-                        "the latent, the larger that trace's share (16x16: a third of the mean's variance)")
+                        "the latent, the larger that trace's share (on 16x16 latents: a fifth to a third of the "
+                        "variance of the noise's mean)")
     g.add_argument("--cache-latents", action="store_true",
                    help="encode each picture (and its mirror) once and keep its VAE posterior (training.latents); "
                         "a resumed run then equals an uninterrupted one up to rounding, not to the last bit")
