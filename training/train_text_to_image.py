@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.snr_gamma < 0:
         p.error("--snr-gamma must not be negative")
     if args.zero_terminal_snr and args.prediction_type != "v_prediction":
-        p.error("--zero-terminal-snr needs --prediction-type v_prediction (the noise is all there is to predict "
-                "at SNR 0)")
+        p.error("--zero-terminal-snr needs --prediction-type v_prediction: at SNR 0 the noisy latent is the noise "
+                "itself, and a noise prediction says nothing about the picture")
     return args
 
 

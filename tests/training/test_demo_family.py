@@ -183,7 +183,7 @@ def test_text_to_image_zero_terminal_snr_trains_and_samples_from_pure_noise(fami
     root = family["root"]
     common = ["--vae", str(root / "vae" / "vae"), "--text-encoder", str(root / "clip" / "clip"), "--data",
               str(toybooru), "--unet-config", str(root / "unet.json")]
-    with pytest.raises(SystemExit):  # at SNR 0 the noise is all there is: epsilon cannot be predicted from it
+    with pytest.raises(SystemExit):  # at SNR 0 a noise prediction says nothing about the picture
         train_text_to_image.parse_args([*common, "--zero-terminal-snr", *shared(tmp_path / "x")])
     result = train_text_to_image.main(train_text_to_image.parse_args(
         [*common, "--prediction-type", "v_prediction", "--zero-terminal-snr", "--timestep-weighting", "uniform",
