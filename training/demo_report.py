@@ -8,6 +8,9 @@ the generator's CLIP); its own accuracy on real test pictures comes first. In ev
 figure the prompt names no identity attribute (only "1girl, solo", pose, framing and background
 words), so hair, eyes and outfit can only come from the references.
 
+- the demo CLIP's colour probe: for test pictures, does CLIP rank the picture's own caption above
+  the same caption with the hair (eye, outfit) colour swapped? The base reads CLIP's text tower
+  frozen, so it can follow no colour word this tower does not tell apart;
 - base: the text-to-image model with the test pictures' full tag prompts; hair colour and outfit
   colour right;
 - reconstruction: 4 "figure" references of one character in one outfit (other pictures of the
@@ -138,6 +141,46 @@ def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: rand
                      "character_and_outfit": rate(pred, truths, CHARACTER + OUTFIT),
                      "three_colours": rate(pred, truths, COLOURS),
                      **per_attribute(pred, truths, CHARACTER + OUTFIT)}
+    return out
+
+
+PROBED = {"hair_color": "hair", "eye_color": "eyes", "cloth_color": "outfit"}
+
+
+def _colour_tag(rec: dict[str, Any], key: str) -> int | None:
+    """The index in ``rec["tags"]`` of the tag that names the attribute ``key``'s colour."""
+    colour = rec["truth"][key]
+    if key == "cloth_color":  # the garment's tag, e.g. "green_kimono" (the first clothes tag in that colour)
+        found = [i for i, t in enumerate(rec["tags"]) if t in rec.get("cloth_tags", ()) and t.startswith(colour + "_")]
+    else:
+        found = [i for i, t in enumerate(rec["tags"]) if t == f"{colour}_{PROBED[key]}"]
+    return found[0] if found else None
+
+
+@torch.no_grad()
+def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: random.Random,
+               pictures: int = 200) -> dict[str, Any]:
+    """How often the demo CLIP (a ``ClipScorer``) ranks a test picture's own caption first among the
+    same caption with the hair (eye, outfit) colour swapped for each colour Toybooru uses. The base
+    reads CLIP's text tower frozen: a colour this probe cannot tell apart, the base cannot follow."""
+    if not test:
+        raise ValueError("no test picture to probe CLIP with")
+    chosen = rng.sample(test, min(pictures, len(test)))
+    images = clip.image_embeds([open_record(root, r)[0] for r in chosen])
+    out: dict[str, Any] = {"pictures": len(chosen)}
+    for key in PROBED:
+        colours = sorted({r["truth"][key] for r in records})
+        right = n = 0
+        for rec, image in zip(chosen, images):
+            i = _colour_tag(rec, key)
+            if i is None:
+                continue
+            rest = rec["tags"][i].split("_", 1)[1]
+            captions = [prompt_from_tags(rec["tags"][:i] + [f"{c}_{rest}"] + rec["tags"][i + 1:]) for c in colours]
+            best = colours[int((clip.text_embeds(captions) @ image).argmax())]
+            right += best == rec["truth"][key]
+            n += 1
+        out[key] = {"right": right / n if n else 0.0, "pictures": n, "colours": len(colours)}
     return out
 
 
@@ -273,6 +316,9 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     report_dir = out / "report"
     figures["vae_ceiling"] = vae_ceiling(out / "retrinet" / "vae", judge, root, test, rng)
     logger.info("judge on VAE reconstructions: %s", figures["vae_ceiling"])
+    clip = ClipScorer.from_pretrained(out / "clip")
+    figures["clip_probe"] = clip_probe(clip, root, records, test, rng)
+    logger.info("CLIP colour probe: %s", figures["clip_probe"])
 
     # base model: full tag prompts of test pictures
     # the shipped VAE (its decoder trained on after the base; the same encoder and latents)
@@ -330,7 +376,6 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     # settings a and b, same budget: CLIP-I, CLIP-T, DF-L2 and SWD on the in-domain composition set
     from pipelines.concepts import ConceptExtractor
 
-    clip = ClipScorer.from_pretrained(out / "clip")
     extractor = ConceptExtractor.from_pretrained(out / "detector")
     settings: dict[str, Any] = {}
     prompts, refs, images_b = comp_sets["in"]
@@ -419,6 +464,15 @@ def render(f: dict[str, Any]) -> str:
                   "| pictures | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
                   *[f"| {name} | " + " | ".join(_pct(v[name][k]) for k in keys) + " |"
                     for name in ("real", "reconstructed")], ""]
+    if "clip_probe" in f:
+        c = f["clip_probe"]
+        lines += ["## What the demo CLIP reads (its colour probe)", "",
+                  f"For {c['pictures']} test pictures, the demo CLIP ranks the picture's own caption against the same "
+                  "caption with one colour swapped, for every colour Toybooru uses. The base reads CLIP's text tower "
+                  "frozen: a colour word it cannot tell apart here, the base cannot follow.", "",
+                  "| colour | own caption ranked first | chance |", "|---|---|---|",
+                  *[f"| {name} | {_pct(c[key]['right'])} | {_pct(1 / c[key]['colours'])} |"
+                    for key, name in PROBED.items() if key in c], ""]
     b = f["base"]
     lines += ["## Base text-to-image model (full tag prompts)", "",
               f"Hair colour and outfit colour both right: **{_pct(b['hair_and_outfit_colour'])}** of {b['pictures']} "

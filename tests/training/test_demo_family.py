@@ -424,6 +424,8 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert figures["reference_gap"]["b"]["samples"] >= 2 and len(figures["reference_gap"]["b"]["own"]) == 4
     curves = figures["gap_during_training"]  # -b logged its gap while training, -a did not
     assert set(curves) == {"b"} and set(curves["b"]["gap"]) == {1} and curves["b"]["samples"] >= 2
+    probe = figures["clip_probe"]
+    assert probe["pictures"] > 0 and all(0 <= probe[k]["right"] <= 1 for k in ("hair_color", "eye_color", "cloth_color"))
     ceiling = figures["vae_ceiling"]
     assert ceiling["pictures"] > 0 and ceiling["mse"] >= 0
     assert set(ceiling["real"]) == set(ceiling["reconstructed"]) and 0 <= ceiling["real"]["hair_color"] <= 1
@@ -434,6 +436,7 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert "## RetriNet: composition" in report and "report/composition-in.png" in report
     assert "## Do the references matter? (the reference gap)" in report and "| -a | **" in report
     assert "### The gap while training" in report and "| step | -b |" in report and "\n| 1 | " in report
+    assert "## What the demo CLIP reads (its colour probe)" in report and "| hair | " in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
 
@@ -449,6 +452,58 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     exported = matched["a at step 1"].retrinet.state_dict()  # the checkpoint of step 1 is the final model
     assert set(exported) == set(final_a) and all(torch.equal(exported[k], v) for k, v in final_a.items())
     assert matched["b at step 1"].vae is like.vae and (work / "report-models" / "retrinet-a-step-1").is_dir()
+
+
+class _WordClip:
+    """A stand-in ``ClipScorer`` that reads colours perfectly: a picture embeds as its true
+    (colour, noun) pairs, a caption as the (colour, noun) pairs it names."""
+
+    def __init__(self, root, records, blind=False):
+        from training.data.retribooru import open_record
+
+        self.truth = {open_record(root, r)[0].tobytes(): r for r in records}
+        self.blind, self.vocab = blind, {}
+
+    def _vector(self, pairs):
+        v = torch.zeros(4096)
+        for pair in pairs:
+            v[self.vocab.setdefault(pair, len(self.vocab))] += 1.0
+        return v
+
+    def image_embeds(self, images):
+        rows = []
+        for image in images:
+            r = self.truth[image.tobytes()]
+            pairs = {tuple(t.split("_", 1)) for t in r["tags"] if "_" in t}
+            rows.append(self._vector(pairs))
+        return torch.stack(rows)
+
+    def text_embeds(self, captions):
+        if self.blind:
+            return torch.ones(len(captions), 4096)
+        return torch.stack([self._vector({tuple(w.split(" ", 1)) for w in c.split(", ") if " " in w})
+                            for c in captions])
+
+
+def test_clip_probe_counts_the_captions_ranked_first(toybooru, toybooru_records):
+    import random
+
+    from training.demo_report import clip_probe
+
+    test = [r for r in toybooru_records if r["split"] == "test"]
+    perfect = clip_probe(_WordClip(toybooru, test), toybooru, toybooru_records, test, random.Random(0), pictures=10)
+    assert perfect["pictures"] == min(10, len(test))
+    for key in ("hair_color", "eye_color", "cloth_color"):
+        assert perfect[key]["right"] == 1.0 and perfect[key]["pictures"] > 0, key
+        assert perfect[key]["colours"] == len({r["truth"][key] for r in toybooru_records}) > 1
+    # a CLIP blind to text ranks every caption alike and so always picks the first colour
+    blind = clip_probe(_WordClip(toybooru, test, blind=True), toybooru, toybooru_records, test, random.Random(0),
+                       pictures=10)
+    chosen = random.Random(0).sample(test, min(10, len(test)))
+    first = min(r["truth"]["hair_color"] for r in toybooru_records)
+    assert blind["hair_color"]["right"] == sum(r["truth"]["hair_color"] == first for r in chosen) / len(chosen) < 1
+    with pytest.raises(ValueError, match="no test picture"):
+        clip_probe(_WordClip(toybooru, test), toybooru, toybooru_records, [], random.Random(0))
 
 
 def test_the_reference_gap_batch_needs_two_test_samples(toybooru, monkeypatch):
