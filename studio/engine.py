@@ -20,9 +20,7 @@ import json
 import os
 import re
 import secrets
-import shutil
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from studio.checks import check_number as _number
 from studio.spaces import gpu, on_space
 from training.data import toybooru
 from training.data.retribooru import open_record, prepare_reference, read_annotations
+from training.files import replacing_folder
 
 DEFAULT_TOYBOORU = {"num_images": 240, "seed": 0, "size": 128}
 EXAMPLES = ROOT / "assets" / "examples"  # bundled characters: <name>/character.json + pictures
@@ -264,21 +263,9 @@ def _overlay(image: Image.Image, mask: Image.Image, head_box: Box | None) -> Ima
 
 def _write_atomically(folder: Path, files: dict[str, Callable[[Path], Any]]) -> None:
     """Make ``folder`` hold exactly ``files`` (name -> writer), all at once: written beside it, then swapped in."""
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    old = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
-    tmp.mkdir(parents=True)
-    try:
+    with replacing_folder(folder) as tmp:
         for name, write in files.items():
             write(tmp / name)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            old.rename(folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Engine:

@@ -48,7 +48,7 @@ from studio.checks import check_integer as _integer
 from studio.checks import check_number as _number
 from training.checkpoints import list_checkpoints
 from training.export import export_retrinet, export_semantica
-from training.files import replacing_folder
+from training.files import replacing_folder, write_text
 
 try:  # file locks keep two studios on one workspace from racing past the running-job limit
     import fcntl
@@ -347,16 +347,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _tail(path: Path, lines: int, max_bytes: int = 64 * 1024) -> list[str]:
     """The last ``lines`` lines of a text file, reading at most ``max_bytes`` from its end; a progress
     bar's carriage returns keep only its last state."""
@@ -596,7 +586,7 @@ class JobManager:
         return job
 
     def _write(self, job: dict[str, Any]) -> None:
-        _atomic_write_json(self._dir(job["id"]) / "job.json", job)
+        write_text(self._dir(job["id"]) / "job.json", json.dumps(job, indent=1) + "\n")
 
     def _ids(self) -> list[str]:
         if not self.jobs_dir.is_dir():

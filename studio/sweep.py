@@ -55,6 +55,7 @@ from studio.engine import (
     check_prompt,
     resolve_seed,
 )
+from training.files import replacing_file
 
 MODES = ("retrinet", "semantica")
 MAX_VALUES = 8  # values per axis
@@ -161,13 +162,11 @@ class Sweep:
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """The sweep table as CSV (written beside ``path``, then renamed: never half a file)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replacing_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: "" if r.get(k) is None else r.get(k) for k in COLUMNS})
-    os.replace(tmp, path)
     return path
 
 

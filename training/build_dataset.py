@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,6 +43,7 @@ from PIL import Image
 
 from pipelines.detector import DEMO_DETECTOR
 from training.data.vqa import CLOTHES_QUESTION, ColorAnswerer, normalise_answer
+from training.files import write_text
 
 UNWANTED_TAGS = ("monochrome", "greyscale", "sketch", "comic", "lineart", "multiple_girls", "multiple_boys")
 # garment words: a tag that names one (alone or as its last word) counts as a cloth tag (RetriBooru
@@ -176,15 +176,6 @@ def cluster_pairwise(records: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------- shards
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def annotate_shard(records: list[dict[str, Any]], images: Path, work: Path, extractor, answerer,
                    questions: list[str]) -> list[dict[str, Any]]:
     """Steps 2-3 for one shard; masks go to ``work/masks``; returns one result per record."""
@@ -283,7 +274,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     if mpath.exists() and json.loads(mpath.read_text()).get("digest") != digest:
         raise ValueError(f"{out} holds a build of other inputs or options; use another --out or delete it")
     if not mpath.exists():
-        _atomic_write(mpath, json.dumps({"digest": digest, "num_shards": len(shards)}))
+        write_text(mpath, json.dumps({"digest": digest, "num_shards": len(shards)}))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -298,7 +289,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         extractor, answerer = build_extractor(args), build_answerer(args)
         for i in todo:
             results = annotate_shard(shards[i], images, work, extractor, answerer, args.questions)
-            _atomic_write(work / f"shard-{i:06d}.jsonl", "".join(json.dumps(r) + "\n" for r in results))
+            write_text(work / f"shard-{i:06d}.jsonl", "".join(json.dumps(r) + "\n" for r in results))
             print(f"shard {i + 1} of {len(shards)} done", flush=True)
     if args.num_shards is not None or (world > 1 and rank != 0):
         return None  # another run (or the main process) merges

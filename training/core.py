@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from training.checkpoints import STATE_FILE, list_checkpoints
+from training.files import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +203,7 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if rec.get("step", math.inf) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(x + "\n" for x in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from training.core import read_metrics
-from training.files import copy_folder, replacing_folder
+from training.files import copy_folder, replacing_folder, write_text
 
 logger = logging.getLogger("demo_zoo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,9 +164,7 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
     def save() -> None:
         merged = json.loads(records_path.read_text()) if records_path.is_file() else {}
         merged.update({name: records[name] for name in touched})
-        tmp = records_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1))
-        os.replace(tmp, records_path)
+        write_text(records_path, json.dumps(merged, indent=1))
         records.update(merged)
 
     while pending or running:
@@ -287,9 +285,7 @@ def write_manifest(out: Path, records: dict[str, Any], seed: int) -> dict[str, A
              and "report" not in p.relative_to(out).parts}
     manifest = {"data_seed": seed, "stages": records, "files": files,
                 "total_bytes": sum(f["bytes"] for f in files.values())}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -1,6 +1,9 @@
+import os
+from pathlib import Path
+
 import pytest
 
-from training.files import copy_folder, replacing_folder
+from training.files import copy_folder, replacing_file, replacing_folder, write_text
 
 
 def test_replacing_folder_puts_the_new_folder_in_place_whole_and_leaves_nothing_beside_it(tmp_path):
@@ -72,3 +75,56 @@ def test_copy_folder_of_a_missing_source_fails_clearly_and_keeps_the_destination
     with pytest.raises(NotADirectoryError, match="missing"):
         copy_folder(tmp_path / "missing", tmp_path / "dst")
     assert (tmp_path / "dst" / "keep").read_text() == "1"
+
+
+def test_write_text_replaces_the_file_whole_and_leaves_nothing_beside_it(tmp_path):
+    target = tmp_path / "sub" / "job.json"
+    assert write_text(target, "first\n") == target and target.read_text() == "first\n"
+    write_text(target, "second")
+    assert target.read_text() == "second" and [p.name for p in target.parent.iterdir()] == ["job.json"]
+
+
+def test_an_error_while_writing_a_file_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    target = tmp_path / "manifest.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="crash"), replacing_file(target) as tmp:
+        tmp.write_text("half a fi")
+        raise RuntimeError("crash")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_replacing_file_refuses_a_folder_and_a_block_that_wrote_nothing(tmp_path):
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        write_text(tmp_path / "dir", "x")
+    target = tmp_path / "f.txt"
+    target.write_text("kept")
+    with pytest.raises(FileNotFoundError, match="nothing was written"), replacing_file(target):
+        pass
+    assert target.read_text() == "kept"
+
+
+def test_two_writers_of_one_file_write_to_different_paths(tmp_path):
+    target = tmp_path / "stages.json"
+    with replacing_file(target) as a, replacing_file(target) as b:
+        assert a != b and a.parent == b.parent == tmp_path
+        a.write_text("a")
+        b.write_text("b")
+    assert target.read_text() == "a"  # the outer block finished last
+
+
+def test_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == target and Path(src).name.endswith(".tmp"):
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr("training.files.os.replace", replace)
+    with pytest.raises(OSError, match="disk gone"), replacing_folder(target) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (target / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]

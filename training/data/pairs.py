@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from torch.utils.data import Dataset
 
 from pipelines.semantica.model import image_features, process_images
 from training.data.retribooru import CorruptFile, read_annotations, to_tensor
+from training.files import replacing_file
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +189,8 @@ def embed_pictures(pictures: Sequence[Picture], encoder, processor, cache_dir: s
             features[rows] = torch.nn.functional.normalize(feats, dim=-1)
             readable[rows] = True
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"key": key, "features": features, "readable": readable}, tmp)
-        os.replace(tmp, cache)
+        with replacing_file(cache) as tmp:
+            torch.save({"key": key, "features": features, "readable": readable}, tmp)
     return features, readable
 
 
