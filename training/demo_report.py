@@ -317,7 +317,8 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     figures["vae_ceiling"] = vae_ceiling(out / "retrinet" / "vae", judge, root, test, rng)
     logger.info("judge on VAE reconstructions: %s", figures["vae_ceiling"])
     clip = ClipScorer.from_pretrained(out / "clip")
-    figures["clip_probe"] = clip_probe(clip, root, records, test, rng)
+    # its own random numbers: the pictures every other figure draws do not depend on whether it ran
+    figures["clip_probe"] = clip_probe(clip, root, records, test, random.Random(f"demo-report/{seed}/clip-probe"))
     logger.info("CLIP colour probe: %s", figures["clip_probe"])
 
     # base model: full tag prompts of test pictures
