@@ -21,7 +21,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data set folder for the Data tab (default: a small Toybooru made on first start)")
     p.add_argument("--workspace", default=None,
                    help="folder for the character library (default: ~/.cache/retrinet-studio)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the models (default: 1 with the demo family, torch's own choice with sd15)")
     return p.parse_args(argv)
+
+
+def cpu_threads(args: argparse.Namespace) -> int | None:
+    """The CPU threads the studio's models run with: ``--threads``, else one with the demo family
+    (None: torch's own choice). The demo models are too small to gain from a second thread: a
+    composition took 1.14 s on one thread and 1.06 s on two spinning ones, but 2.69 s on two that
+    sleep when idle, as ``quiet_openmp`` has them (BENCHMARKS.md, "Demo composition"). Training
+    jobs started from the Train tab are processes of their own and keep their own setting."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"app.py: --threads must be at least 1, got {args.threads}")
+        return args.threads
+    return 1 if args.zoo == "demo" else None
 
 
 def quiet_openmp(env: MutableMapping[str, str] = os.environ) -> None:
@@ -34,7 +49,12 @@ def quiet_openmp(env: MutableMapping[str, str] = os.environ) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    threads = cpu_threads(args)
     quiet_openmp()
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
     from studio.app import build_studio, launch
     from studio.engine import Engine
 

@@ -74,6 +74,16 @@ def test_app_defaults_match_the_public_surface():
     assert (args.host, args.port, args.zoo) == ("127.0.0.1", 7860, "demo")
 
 
+def test_app_runs_the_demo_family_on_one_cpu_thread_unless_told_otherwise():
+    import app
+
+    assert app.cpu_threads(app.parse_args([])) == 1
+    assert app.cpu_threads(app.parse_args(["--zoo", "sd15"])) is None  # torch's own choice
+    assert app.cpu_threads(app.parse_args(["--threads", "4"])) == 4
+    with pytest.raises(SystemExit, match="--threads must be at least 1, got 0"):
+        app.cpu_threads(app.parse_args(["--threads", "0"]))
+
+
 @pytest.mark.parametrize("module", ["train_vae", "train_clip", "train_text_to_image", "train_retrinet",
                                     "train_semantica", "train_judge", "train_detector", "demo_zoo", "build_dataset"])
 def test_every_training_command_prints_its_help(module, capsys):

@@ -23,7 +23,7 @@ FIELDS = {
     "concepts": {"head_iou", "mask_iou", "rule_accuracy", "ms_per_picture"},
     "cluster": {"rows"},
     "metrics": {"pictures_per_second", "seconds_per_5000"},
-    "compose": {"median_seconds", "first_seconds", "load_seconds"},
+    "compose": {"median_seconds", "first_seconds", "load_seconds", "two_threads_median_seconds"},
     "training": {"sps", "efficiency", "peak_worker_rss"},
     "studio": {"page_s", "import_floor_s", "first_picture_s", "sweep_s", "peak_rss"},
     "memory": {"demo_training", "composition", "training"},
