@@ -294,6 +294,20 @@ def test_every_stage_command_parses(tmp_path):
         module.parse_args(stage.args)  # exits on an unknown or bad argument
 
 
+def test_setting_a_runs_the_start_of_the_schedule_of_b_and_b_keeps_that_checkpoint(tmp_path):
+    from training import train_retrinet
+    from training.demo_zoo import plan
+
+    stages = plan(tmp_path / "work", tmp_path / "out")
+    b, a = (train_retrinet.parse_args(stages[name].args) for name in ("retrinet", "retrinet-a"))
+    assert (b.setting, a.setting) == ("b", "a")
+    assert a.max_train_steps < b.max_train_steps and a.restart_steps == b.restart_steps == b.max_train_steps
+    assert (a.learning_rate, a.lr_warmup_steps, a.train_batch_size, a.seed) == \
+        (b.learning_rate, b.lr_warmup_steps, b.train_batch_size, b.seed)
+    # the report compares -b's checkpoint of -a's last step: -b writes it and keeps it
+    assert a.max_train_steps % b.checkpointing_steps == 0 and b.checkpoints_total_limit is None
+
+
 def test_final_step_is_the_last_complete_checkpoint(tmp_path):
     from training.checkpoints import STATE_FILE
     from training.demo_report import final_step
