@@ -68,7 +68,7 @@ class Stage:
 # each of -b (shipped) and -a (the report's comparison): the same budget. RetriNet learns to read its
 # references slowly (the reference gap was 0.1 % after 600 steps at 5e-4); at 2e-3 with min-SNR
 # weighting, which spends the loss where colours and layout are decided, it grew twice as fast as
-# with uniform weighting over the first 450 steps (14.8 % after 3000 steps)
+# with uniform weighting over the first 450 steps (the gap after 3000 steps: 14.8 % in v3, 15.4 % in v4)
 RETRINET_STEPS = 3000
 RETRINET_LR = 2e-3
 # -a runs the first half of -b's schedule (the same --restart-steps, so the same learning rate at every
@@ -110,7 +110,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ran("vae-decoder", "vae"), ("vae",), runs / "vae-decoder"),
         # 2000 steps: after 400 the CLIP told a picture's caption from the same caption with another hair colour
         # only 21 % of the time (another outfit colour: 68 %), and the base, which reads its frozen text tower,
-        # cannot follow what the tower does not tell apart; 94 % and 95 % after 2000, and the base trained on it
+        # cannot follow what the tower does not tell apart; about 95 % and 97 % after 2000, and the base trained on it
         # gets hair and outfit colour right in 27 % of the report's test prompts (4 % on the 400-step CLIP)
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 2000, 128, 5e-4, every=250)],
