@@ -28,14 +28,14 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
+
+from training.files import replacing_folder
 
 GENERATOR_VERSION = 1
 
@@ -588,8 +588,7 @@ def generate(out: str | os.PathLike, num_images: int, seed: int = 0, size: int =
         if not (out / "annotations.jsonl").exists():
             raise FileExistsError(f"{out} is not a Toybooru folder (no annotations.jsonl); refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_folder(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         clusters = build_world(num_images, seed)
@@ -625,17 +624,6 @@ def generate(out: str | os.PathLike, num_images: int, seed: int = 0, size: int =
             "splits": {s: sum(r["split"] == s for r in records) for s in ("train", "test")},
         }
         (tmp / "toybooru.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
