@@ -4,7 +4,9 @@
         --task compose --setting b --num-references 4 --resolution 256 --max-train-steps 9000
 
 - Base components (VAE, text encoder, tokenizer, UNet, noise scheduler) from a diffusers folder or
-  Hub id; RetriNet from ``RetriNetModel.from_unet`` or ``--retrinet`` (a saved one).
+  Hub id; RetriNet from ``RetriNetModel.from_unet`` or ``--retrinet`` (a saved one). A second run
+  continues a first one's models with ``--retrinet OUT/retrinet --unet OUT/unet`` (the UNet whose
+  decoder it trained), on its own schedule.
 - Data: ``training.data.retribooru`` (tasks recon / compose / multitask, settings a / b).
 - Loss (seed 001, Eq. 3): MSE(eps * M_valid, pred * M_valid) + lambda * MSE(eps * M_face,
   pred * M_face), on epsilon or v as the scheduler predicts; both masks are brought to the latent
@@ -61,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pretrained", required=True, help="diffusers folder or Hub id of a Stable Diffusion model")
     g.add_argument("--revision", default=None, help="Hub revision of --pretrained")
     g.add_argument("--retrinet", default=None, help="continue from a saved RetriNet folder instead of from_unet")
+    g.add_argument("--unet", default=None,
+                   help="a saved UNet2DConditionModel folder to use instead of --pretrained's (with --retrinet: the "
+                        "UNet whose decoder an earlier run trained, its OUT/unet)")
     g.add_argument("--retrieval-attention-heads", type=int, default=8)
     g.add_argument("--max-references", type=int, default=8)
     g = p.add_argument_group("data")
@@ -134,18 +139,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------- pieces
 
-def load_base(pretrained: str, revision: str | None = None):
-    """VAE, text encoder, tokenizer, UNet and the training noise scheduler of a diffusers model."""
+def load_base(pretrained: str, revision: str | None = None, unet: str | None = None):
+    """VAE, text encoder, tokenizer, UNet and the training noise scheduler of a diffusers model;
+    ``unet``: a UNet folder to take instead of the model's (an earlier run's ``OUT/unet``)."""
     kw = {"revision": revision} if revision else {}
     try:
         vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
+        if unet is None:
+            unet_model = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the base model from {pretrained}: {e}") from e
-    return vae, text_encoder, tokenizer, unet, noise_scheduler
+    if unet is not None:
+        try:
+            unet_model = UNet2DConditionModel.from_pretrained(unet)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the UNet {unet}: {e}") from e
+        if unet_model.config.cross_attention_dim != text_encoder.config.hidden_size:
+            raise ValueError(f"the UNet in {unet} reads {unet_model.config.cross_attention_dim}-wide text embeddings, "
+                             f"the text encoder of {pretrained} makes {text_encoder.config.hidden_size}")
+    return vae, text_encoder, tokenizer, unet_model, noise_scheduler
 
 
 def cosine_restarts(optimizer, restart_steps: int, warmup_steps: int = 0):
@@ -470,7 +485,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                 num_references=args.num_references, resolution=args.resolution, seed=args.seed,
                                 prompt_tags=args.prompt_tags)
 
-    vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(args.pretrained, args.revision)
+    vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(args.pretrained, args.revision, args.unet)
     if args.retrinet:
         retrinet = RetriNetModel.from_pretrained(args.retrinet)
         if len(retrinet.down_blocks) != len(unet.down_blocks) or \

@@ -298,6 +298,28 @@ def test_two_processes_write_one_set_of_outputs(tiny_sd, toybooru, tmp_path):
     assert not list(out.glob(".checkpoint-*"))
 
 
+def test_a_second_run_continues_the_first_runs_retrinet_and_unet(tiny_sd, toybooru, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+    first = tmp_path / "first"
+    main(parse_args(argv(tiny_sd, toybooru, first, "--max-train-steps", 2, "--learning-rate", "1e-2")))
+    base_unet = weights(tiny_sd / "unet")
+    assert any(not torch.equal(v, base_unet[k]) for k, v in weights(first / "unet").items())  # the decoder trained
+    # learning rate 0: what the second run saves is what it started from
+    second = tmp_path / "second"
+    main(parse_args(argv(tiny_sd, toybooru, second, "--max-train-steps", 1, "--learning-rate", 0,
+                         "--retrinet", first / "retrinet", "--unet", first / "unet")))
+    for name in ("unet", "retrinet"):
+        start, end = weights(first / name), weights(second / name)
+        assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start), name
+    with pytest.raises(ValueError, match="cannot load the UNet"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "third", "--max-train-steps", 1,
+                             "--unet", tmp_path / "no-unet")))
+
+
 def test_clear_errors_before_training(tiny_sd, toybooru, tmp_path):
     with pytest.raises(FileNotFoundError, match="annotations.jsonl"):
         main(parse_args(argv(tiny_sd, tmp_path / "nothing", tmp_path / "o1", "--max-train-steps", 1)))
