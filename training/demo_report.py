@@ -14,7 +14,8 @@ words), so hair, eyes and outfit can only come from the references.
 - base: the text-to-image model with the test pictures' full tag prompts; hair colour and outfit
   colour right;
 - reconstruction: 4 "figure" references of one character in one outfit (other pictures of the
-  target's cluster); hair and eye colour (the character) and outfit colour and pattern right;
+  target's cluster); hair and eye colour (the character) and outfit colour and pattern right; and
+  a control, the same prompts and noise with another target's references;
 - composition: 2 "face" references of character A and 2 "clothes" references of an outfit B of
   another character (a pairing never seen in training); A's hair and eye colours and B's outfit
   colour and pattern right; for in-domain characters (train characters' test pictures) and
@@ -357,6 +358,10 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
                                  "three_colours": rate(pred, truths, COLOURS),
                                  **per_attribute(pred, truths, CHARACTER + OUTFIT)}
     grid([[x.image for x in rr] + [im] for rr, im in zip(refs[:8], images[:8])], report_dir / "reconstruction.png")
+    # the control: the same prompts and noise with the previous target's references; what the judge then finds of
+    # each target's own character and outfit owes nothing to its references (chance, or the model's habits)
+    control = judge.predict(_batched(pipe, prompts, refs[-1:] + refs[:-1], seed))
+    figures["reconstruction_control"] = per_attribute(control, truths, CHARACTER + OUTFIT)
     logger.info("reconstruction: %s", figures["reconstruction"])
 
     # composition, in and out of domain
@@ -485,8 +490,12 @@ def render(f: dict[str, Any]) -> str:
               f"Character (hair and eye colour) and outfit (colour and pattern) all right: "
               f"**{_pct(r['character_and_outfit'])}** of {r['pictures']} (goal 85 %). "
               f"Hair, eye and outfit colours (the pattern left out): **{_pct(r['three_colours'])}**.", "",
-              "| " + " | ".join(CHARACTER + OUTFIT) + " |", "|" + "---|" * 4,
-              "| " + " | ".join(_pct(r[k]) for k in CHARACTER + OUTFIT) + " |", "",
+              "| references | " + " | ".join(CHARACTER + OUTFIT) + " |", "|---|" + "---|" * 4,
+              "| the target's own | " + " | ".join(_pct(r[k]) for k in CHARACTER + OUTFIT) + " |",
+              *(["| another target's (control) | "
+                 + " | ".join(_pct(f["reconstruction_control"][k]) for k in CHARACTER + OUTFIT) + " |", "", "The control draws the same prompts with the same noise, each with the previous target's "
+                 "references: what it gets right of the target owes nothing to the target's references. The first row "
+                 "must beat it for the references to reach the pictures."] if "reconstruction_control" in f else []), "",
               "![reconstruction](report/reconstruction.png)", ""]
     lines += ["## RetriNet: composition (2 face references of A, 2 clothes references of B)", "",
               "| characters | pictures | all four right | three colours right | " + " | ".join(CHARACTER + OUTFIT) + " |",

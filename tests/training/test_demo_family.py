@@ -446,11 +446,15 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert ceiling["real"]["three_colours"] >= ceiling["real"]["character_and_outfit"]  # fewer attributes to get right
     for key in ("reconstruction", "composition_in_domain", "composition_out_domain"):
         assert 0 <= figures[key]["three_colours"] <= 1, key
+    control = figures["reconstruction_control"]
+    assert set(control) == {"hair_color", "eye_color", "cloth_color", "pattern"} and \
+        all(0 <= v <= 1 for v in control.values())
     report = (out / "REPORT.md").read_text()
     assert "## RetriNet: composition" in report and "report/composition-in.png" in report
     assert "## Do the references matter? (the reference gap)" in report and "| -a | **" in report
     assert "### The gap while training" in report and "| step | -b |" in report and "\n| 1 | " in report
     assert "## What the demo CLIP reads (its colour probe)" in report and "| hair | " in report
+    assert "| another target's (control) | " in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
 
