@@ -64,8 +64,10 @@ def _inference_scheduler(pretrained: str):
     return cls.from_config(config)
 
 
-def export_retrinet(source: Path, pretrained: str | None, target: Path) -> None:
-    """A ``RetriNetPipeline`` folder from a checkpoint or a run's final ``retrinet/`` [+ ``unet/``]."""
+def export_retrinet(source: Path, pretrained: str | None, target: Path, unet: str | None = None) -> None:
+    """A ``RetriNetPipeline`` folder from a checkpoint or a run's final ``retrinet/`` [+ ``unet/``];
+    ``unet``: the UNet the run started from when it was not ``pretrained``'s (its ``--unet``), which
+    a checkpoint holds only if the UNet trained."""
     if not pretrained:
         raise ValueError("the run's record names no base model")
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -77,9 +79,14 @@ def export_retrinet(source: Path, pretrained: str | None, target: Path) -> None:
         vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True)
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True)
+        base_unet = None if unet else UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet",
+                                                                           use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the base model {pretrained}: {e}") from e
+    try:
+        unet = base_unet or UNet2DConditionModel.from_pretrained(unet, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the UNet {unet}: {e}") from e
     if (source / STATE_FILE).is_file():
         retrinet = RetriNetModel.from_config(_config(_signature(source).get("retrinet") or {}))
         loaded = _load_weights(source, {"RetriNet": retrinet, "UNet": unet})

@@ -315,6 +315,17 @@ def test_a_second_run_continues_the_first_runs_retrinet_and_unet(tiny_sd, toyboo
     for name in ("unet", "retrinet"):
         start, end = weights(first / name), weights(second / name)
         assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start), name
+    # with the UNet locked its checkpoints do not hold it: the export takes it from the run's --unet
+    from training.export import export_retrinet
+
+    locked = tmp_path / "locked"
+    main(parse_args(argv(tiny_sd, toybooru, locked, "--max-train-steps", 1, "--checkpointing-steps", 1,
+                         "--lock", "decoder", "--retrinet", first / "retrinet", "--unet", first / "unet")))
+    export_retrinet(locked / "checkpoint-1", str(tiny_sd), tmp_path / "exported", unet=str(first / "unet"))
+    exported = weights(tmp_path / "exported" / "unet")
+    assert all(torch.equal(v, exported[k]) for k, v in weights(first / "unet").items())
+    with pytest.raises(ValueError, match="cannot load the UNet"):
+        export_retrinet(locked / "checkpoint-1", str(tiny_sd), tmp_path / "nowhere", unet=str(tmp_path / "no-unet"))
     with pytest.raises(ValueError, match="cannot load the UNet"):
         main(parse_args(argv(tiny_sd, toybooru, tmp_path / "third", "--max-train-steps", 1,
                              "--unet", tmp_path / "no-unet")))
