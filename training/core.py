@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -525,3 +526,34 @@ def timestep_weights(noise_scheduler, timesteps: torch.Tensor, weighting: str = 
 
     every = torch.arange(noise_scheduler.config.num_train_timesteps, device=timesteps.device)
     return p2(compute_snr(noise_scheduler, timesteps)) / p2(compute_snr(noise_scheduler, every)).mean()
+
+
+def pyramid_noise(shape: tuple[int, ...], discount: float, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gaussian noise of ``shape`` (B, C, H, W) with more of its energy at low frequencies: white
+    noise plus, at every halving of the side down to 1 x 1, white noise at that size upsampled
+    (bilinear) and weighted ``discount ** level``, each sample then scaled to unit variance
+    (multi-resolution or "pyramid" noise, Whitaker 2023; kohya-ss's ``--multires_noise_discount``).
+
+    With white noise a latent's colour blobs stay legible in the noisy latent up to the last
+    timestep (SD's schedule keeps sqrt(alpha_bar) = 0.068 of the signal there, and a blob's noise
+    falls with its area), so a model learns to read them off the noise it is given instead of
+    off its conditioning, and at sampling time the first noise decides them. ``discount`` 0 is
+    white noise.
+    """
+    if len(shape) != 4:
+        raise ValueError(f"pyramid noise needs a (B, C, H, W) shape, got {tuple(shape)}")
+    if not 0 <= discount < 1:
+        raise ValueError(f"discount must lie in [0, 1), got {discount}")
+    b, c, h, w = shape
+    noise = torch.randn(shape, generator=generator)
+    if discount > 0:
+        level, sh, sw = 1, h, w
+        while sh > 1 or sw > 1:
+            sh, sw = max(1, sh // 2), max(1, sw // 2)
+            coarse = torch.randn((b, c, sh, sw), generator=generator)
+            noise = noise + discount ** level * F.interpolate(coarse, size=(h, w), mode="bilinear",
+                                                              align_corners=False)
+            level += 1
+        noise = noise / noise.flatten(1).std(dim=1).view(b, 1, 1, 1)
+    return noise.to(device=device, dtype=dtype)

@@ -12,6 +12,7 @@
   pred * M_face), on epsilon or v as the scheduler predicts; both masks are brought to the latent
   size; lambda = ``--face-loss-weight`` (0.1, seed 002 A.4). ``--timestep-weighting min-snr`` or
   ``p2`` weights each sample by its timestep (the default, ``uniform``, is Eq. 3 as written).
+  ``--multires-noise-discount`` trains on multi-resolution noise (``training.core.pyramid_noise``).
 - The prompt is dropped (replaced by "") with probability ``--prompt-dropout`` (0.5); the
   references are always kept, as at inference with classifier-free guidance. ``--prompt-tags
   neutral`` leaves the hair, eyes and clothes words out of every prompt (the identity can then
@@ -48,8 +49,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.concepts import CONCEPTS
 from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
-from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, read_metrics,
-                           timestep_weights)
+from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, pyramid_noise,
+                           read_metrics, timestep_weights)
 from training.data.retribooru import PROMPT_TAGS, RetriBooruDataset, collate
 from training.latents import LatentCache
 
@@ -82,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="uniform: Eq. 3 as written; min-snr (--snr-gamma) or p2: weight each sample by its timestep "
                         "(training.core.timestep_weights)")
     g.add_argument("--snr-gamma", type=float, default=5.0, help="gamma of --timestep-weighting min-snr")
+    g.add_argument("--multires-noise-discount", type=float, default=0.0,
+                   help="train on multi-resolution noise with this discount (training.core.pyramid_noise; 0: white "
+                        "noise): the colours of the noisy target's large blobs stay legible to the last timestep "
+                        "under white noise, and a model that reads them there has no need of its references")
     g.add_argument("--prompt-dropout", type=float, default=0.5, help="probability of training without the prompt")
     g.add_argument("--prompt-tags", choices=PROMPT_TAGS, default="all",
                    help="all: the target's tags; neutral: without hair, eyes and clothes words, so the identity "
@@ -130,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--prompt-dropout must be between 0 and 1")
     if args.face_loss_weight < 0:
         p.error("--face-loss-weight must not be negative")
+    if not 0 <= args.multires_noise_discount < 1:
+        p.error("--multires-noise-discount must lie in [0, 1)")
     if args.timestep_weighting == "min-snr" and args.snr_gamma <= 0:
         p.error("--snr-gamma must be positive with --timestep-weighting min-snr")
     if args.num_references > args.max_references:
@@ -236,7 +243,11 @@ class RetriNetObjective:
             prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist())]
             ehs = embed_texts(self.tokenizer, self.text_encoder, prompts, device)  # (B, L, D)
             concept_embeds = torch.stack([self.concept_table[c] for cs in batch["concepts"] for c in cs])  # (B*N, L, D)
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # whatever the layout
+        if self.args.multires_noise_discount > 0:
+            noise = pyramid_noise(tuple(latents.shape), self.args.multires_noise_discount, device=latents.device,
+                                  dtype=latents.dtype)
+        else:
+            noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # whatever the layout
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), device=device).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)

@@ -130,6 +130,49 @@ def test_weighted_loss_is_eq3_with_unit_weights_and_runs_in_training(tiny_sd, to
         parse_args(argv(tiny_sd, toybooru, tmp_path, "--timestep-weighting", "snr"))
 
 
+def test_pyramid_noise_moves_energy_to_low_frequencies():
+    import torch.nn.functional as F
+
+    from training.core import pyramid_noise
+
+    white = pyramid_noise((8, 4, 16, 16), 0.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(white, torch.randn((8, 4, 16, 16), generator=torch.Generator().manual_seed(3)))
+    noise = pyramid_noise((64, 4, 16, 16), 0.8, generator=torch.Generator().manual_seed(0))
+    again = pyramid_noise((64, 4, 16, 16), 0.8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noise, again) and noise.shape == (64, 4, 16, 16)
+    assert torch.allclose(noise.flatten(1).std(dim=1), torch.ones(64), atol=1e-5)  # each sample at unit variance
+    plain = torch.randn((64, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    # the noise of a 4x4 blob: about 1/4 for white noise, more than twice that here
+    assert F.avg_pool2d(plain, 4).std() < 0.3 and F.avg_pool2d(noise, 4).std() > 0.5
+    odd = pyramid_noise((2, 3, 5, 7), 0.5, dtype=torch.float64)
+    assert odd.shape == (2, 3, 5, 7) and odd.dtype == torch.float64
+    with pytest.raises(ValueError, match="discount"):
+        pyramid_noise((1, 4, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        pyramid_noise((4, 8, 8), 0.5)
+
+
+def test_multires_noise_discount_reaches_the_objective(tiny_sd, toybooru, tmp_path, monkeypatch):
+    from training import train_retrinet
+
+    seen = []
+    real = train_retrinet.pyramid_noise
+
+    def recording(shape, discount, **kw):
+        seen.append((shape, discount))
+        return real(shape, discount, **kw)
+
+    monkeypatch.setattr(train_retrinet, "pyramid_noise", recording)
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path / "white", "--max-train-steps", 1)))
+    assert seen == []
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path / "pyramid", "--max-train-steps", 2,
+                         "--multires-noise-discount", 0.8)))
+    assert [d for _, d in seen] == [0.8, 0.8] and seen[0][0][0] == 2  # one call per batch of 2
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            parse_args(argv(tiny_sd, toybooru, tmp_path, "--multires-noise-discount", bad))
+
+
 def _gap_parts(tiny_sd, toybooru):
     vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(str(tiny_sd))
     torch.manual_seed(0)
