@@ -69,6 +69,10 @@ class Stage:
 # references slowly (the reference gap was 0.1 % after 600 steps at 5e-4); at 2e-3 with min-SNR
 # weighting, which spends the loss where colours and layout are decided, it grew twice as fast as
 # with uniform weighting over the first 450 steps (the gap after 3000 steps: 14.8 % in v3, 15.4 % in v4)
+# More of the same did not make the pictures follow the references (session 10, from -b's step-3000 models): 3000
+# more steps on a cosine from 5e-4 raised the gap to 18 % (after 1050 steps), and with --multires-noise-discount 0.8
+# to 30 % (after 3000), yet the judge found the references' hair colour no more often than with another target's
+# (8 % against 12 %, 48 reconstructions); a warm restart at 2e-3 instead dropped the gap to 6 %
 RETRINET_STEPS = 3000
 RETRINET_LR = 2e-3
 # -a runs the first half of -b's schedule (the same --restart-steps, so the same learning rate at every
