@@ -537,8 +537,8 @@ def pyramid_noise(shape: tuple[int, ...], discount: float, generator: torch.Gene
 
     With white noise a latent's colour blobs stay legible in the noisy latent up to the last
     timestep (SD's schedule keeps sqrt(alpha_bar) = 0.068 of the signal there, and a blob's noise
-    falls with its area), so a model learns to read them off the noise it is given instead of
-    off its conditioning, and at sampling time the first noise decides them. ``discount`` 0 is
+    falls with its area), so a model can learn to read them off the noise it is given instead of
+    off its conditioning, and at sampling time the first noise then decides them. ``discount`` 0 is
     white noise.
     """
     if len(shape) != 4:

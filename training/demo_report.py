@@ -493,9 +493,11 @@ def render(f: dict[str, Any]) -> str:
               "| references | " + " | ".join(CHARACTER + OUTFIT) + " |", "|---|" + "---|" * 4,
               "| the target's own | " + " | ".join(_pct(r[k]) for k in CHARACTER + OUTFIT) + " |",
               *(["| another target's (control) | "
-                 + " | ".join(_pct(f["reconstruction_control"][k]) for k in CHARACTER + OUTFIT) + " |", "", "The control draws the same prompts with the same noise, each with the previous target's "
+                 + " | ".join(_pct(f["reconstruction_control"][k]) for k in CHARACTER + OUTFIT) + " |", "",
+                 "The control draws the same prompts with the same noise, each with the previous target's "
                  "references: what it gets right of the target owes nothing to the target's references. The first row "
-                 "must beat it for the references to reach the pictures."] if "reconstruction_control" in f else []), "",
+                 "must beat it for the references to reach the pictures."]
+                if "reconstruction_control" in f else []), "",
               "![reconstruction](report/reconstruction.png)", ""]
     lines += ["## RetriNet: composition (2 face references of A, 2 clothes references of B)", "",
               "| characters | pictures | all four right | three colours right | " + " | ".join(CHARACTER + OUTFIT) + " |",

@@ -83,10 +83,13 @@ def export_retrinet(source: Path, pretrained: str | None, target: Path, unet: st
                                                                            use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the base model {pretrained}: {e}") from e
-    try:
-        unet = base_unet or UNet2DConditionModel.from_pretrained(unet, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the UNet {unet}: {e}") from e
+    if base_unet is not None:
+        unet = base_unet
+    else:
+        try:
+            unet = UNet2DConditionModel.from_pretrained(unet, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the UNet {unet}: {e}") from e
     if (source / STATE_FILE).is_file():
         retrinet = RetriNetModel.from_config(_config(_signature(source).get("retrinet") or {}))
         loaded = _load_weights(source, {"RetriNet": retrinet, "UNet": unet})
