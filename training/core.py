@@ -546,12 +546,14 @@ def pyramid_noise(shape: tuple[int, ...], discount: float, generator: torch.Gene
     if not 0 <= discount < 1:
         raise ValueError(f"discount must lie in [0, 1), got {discount}")
     b, c, h, w = shape
-    noise = torch.randn(shape, generator=generator)
+    # drawn where the generator lives (without one, on the target device: no host-to-device copy per step)
+    where = generator.device if generator is not None else device
+    noise = torch.randn(shape, generator=generator, device=where)
     if discount > 0:
         level, sh, sw = 1, h, w
         while sh > 1 or sw > 1:
             sh, sw = max(1, sh // 2), max(1, sw // 2)
-            coarse = torch.randn((b, c, sh, sw), generator=generator)
+            coarse = torch.randn((b, c, sh, sw), generator=generator, device=where)
             noise = noise + discount ** level * F.interpolate(coarse, size=(h, w), mode="bilinear",
                                                               align_corners=False)
             level += 1

@@ -152,6 +152,25 @@ def test_pyramid_noise_moves_energy_to_low_frequencies():
         pyramid_noise((4, 8, 8), 0.5)
 
 
+def test_pyramid_noise_is_drawn_on_the_device(monkeypatch):
+    """Without a generator every draw happens on the target device (no host-to-device copy per
+    training step); with one, where the generator lives, so a CPU generator stays reproducible."""
+    from training.core import pyramid_noise
+
+    devices, real = [], torch.randn
+
+    def recording(*args, **kw):
+        devices.append(str(kw.get("device")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "randn", recording)
+    on_meta = pyramid_noise((2, 4, 8, 8), 0.5, device="meta")
+    assert on_meta.device.type == "meta" and devices == ["meta"] * 4  # 8x8, then 4x4, 2x2 and 1x1
+    devices.clear()
+    seeded = pyramid_noise((2, 4, 8, 8), 0.5, generator=torch.Generator().manual_seed(0), device="meta")
+    assert seeded.device.type == "meta" and devices == ["cpu"] * 4
+
+
 def test_multires_noise_discount_reaches_the_objective(tiny_sd, toybooru, tmp_path, monkeypatch):
     from training import train_retrinet
 
