@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline,
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -241,6 +241,7 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
         reference_size: int | None = None,
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
+        guidance_rescale: float = 0.0,
         return_dict: bool = True,
     ):
         """Generate ``num_images_per_prompt`` pictures per prompt.
@@ -249,7 +250,10 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
         by every prompt, or one list per prompt, all of the same length. ``reference_size``: the
         square the references are padded to before the VAE (default: the smaller of height and
         width). ``guidance_scale`` > 1 turns on classifier-free guidance, ``retrieval_scale``
-        multiplies what RetriNet adds (0 gives the base model).
+        multiplies what RetriNet adds (0 gives the base model). ``guidance_rescale`` in [0, 1]
+        rescales the guided prediction toward the conditional one's standard deviation (Lin et al.,
+        2024, Sec. 3.4, as ``StableDiffusionPipeline``'s; 0.7 is their choice for a
+        zero-terminal-SNR model), against the over-exposure that strong guidance gives such models.
         """
         # 0. Default size: the UNet's
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -261,6 +265,8 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
                                             retrieval_scale, num_images_per_prompt, negative_prompt)
         if reference_size % self.vae_scale_factor:
             raise ValueError(f"reference_size must be a multiple of {self.vae_scale_factor}, got {reference_size}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
@@ -305,6 +311,8 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
                 if do_cfg:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

@@ -276,7 +276,8 @@ def test_zero_initialised_pipeline_equals_stable_diffusion(components, pipe, sch
     scheduler = scheduler_cls.from_config(components["scheduler"].config, clip_sample=False) if scheduler_cls \
         else components["scheduler"]
     pipe.scheduler = scheduler
-    for kw in ({}, {"negative_prompt": "lowres, bad hands", "guidance_scale": 5.0}):
+    for kw in ({}, {"negative_prompt": "lowres, bad hands", "guidance_scale": 5.0},
+               {"guidance_scale": 5.0, "guidance_rescale": 0.7}):
         ours = run(pipe, num_inference_steps=6, **kw)
         theirs = sd_pipe(components, scheduler)("1girl, red hair", generator=torch.Generator().manual_seed(0),
                                                 **{**CALL, "num_inference_steps": 6, "guidance_scale": 7.0, **kw}).images
@@ -369,6 +370,7 @@ def test_pipeline_round_trips_through_save_pretrained(tmp_path, pipe):
     ({"height": 33}, "multiples of 2"),
     ({"guidance_scale": -1.0}, "guidance_scale"),
     ({"retrieval_scale": -0.5}, "retrieval_scale"),
+    ({"guidance_rescale": 1.5}, "guidance_rescale"),
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"prompt": ["a", "b", "c"], "references": [REFS, REFS]}, "2 lists of references for 3 prompts"),
     ({"prompt": ["a", "b"], "references": [REFS, REFS[:1]]}, "same number of references"),
