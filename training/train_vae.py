@@ -9,7 +9,8 @@ pictures and reconstructions (``--color-loss-weight``): a small VAE trained brie
 shapes right long before colours, and colours are what the demo's report judges. ``--face-loss-weight``
 adds an MSE over the face boxes' pixels alone: a full figure's eyes are a few pixels that a
 whole-picture loss hardly sees. ``--decoder-only`` fine-tunes the decoder of a trained VAE and keeps
-its encoder, so a diffusion model trained on its latents can use the new decoder as it is. When
+its encoder, so a diffusion model trained on its latents can use the new decoder as it is;
+``--decode-mode`` decodes each posterior's mean instead of a draw from it. When
 training ends, the latents' standard deviation over up to
 1,024 training pictures sets ``scaling_factor`` (SD 1.5's 0.18215 was found the same way), and the
 model is saved to ``OUT/vae``.
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-only", action="store_true",
                    help="train the decoder alone (with --pretrained-vae): the encoder, and so the latent space a "
                         "diffusion model was trained on, stays as it is (as sd-vae-ft-mse fine-tuned SD's decoder)")
+    p.add_argument("--decode-mode", action="store_true",
+                   help="decode each picture's posterior mean (its mode) instead of a draw from the posterior: the "
+                        "decoder then learns the exact latents, not latents blurred by the posterior's noise")
     add_training_arguments(p, learning_rate=1e-3, batch_size=32, max_train_steps=2000, checkpointing_steps=200)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
@@ -81,10 +85,10 @@ class VAELoss(torch.nn.Module):
     gradients only through ``forward``) sees the whole step."""
 
     def __init__(self, vae: AutoencoderKL, kl_weight: float, color_weight: float = 0.0, face_weight: float = 0.0,
-                 decoder_only: bool = False):
+                 decoder_only: bool = False, decode_mode: bool = False):
         super().__init__()
         self.vae, self.kl_weight, self.color_weight, self.face_weight = vae, kl_weight, color_weight, face_weight
-        self.decoder_only = decoder_only
+        self.decoder_only, self.decode_mode = decoder_only, decode_mode
         if decoder_only:
             vae.encoder.requires_grad_(False)
             if vae.quant_conv is not None:
@@ -93,7 +97,7 @@ class VAELoss(torch.nn.Module):
     def forward(self, pixels: torch.Tensor, face: torch.Tensor | None = None) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
             posterior = self.vae.encode(pixels).latent_dist
-        recon = self.vae.decode(posterior.sample()).sample.float()
+        recon = self.vae.decode(posterior.mode() if self.decode_mode else posterior.sample()).sample.float()
         x = pixels.float()
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         if not self.decoder_only:  # a frozen encoder's KL is a constant
@@ -129,7 +133,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     signature = {"vae": json.loads(json.dumps(dict(vae.config), default=list)),
                  "train_batch_size": args.train_batch_size, "num_processes": accelerator.num_processes,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
-    model = VAELoss(vae, args.kl_weight, args.color_loss_weight, args.face_loss_weight, args.decoder_only)
+    model = VAELoss(vae, args.kl_weight, args.color_loss_weight, args.face_loss_weight, args.decoder_only,
+                    args.decode_mode)
     model, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, model)
     model.train()
 

@@ -248,6 +248,29 @@ def test_vae_decoder_only_keeps_the_encoder_and_its_scale(family, toybooru, tmp_
         train_vae.parse_args(["--data", str(toybooru), "--decoder-only", *shared(tmp_path / "bad")])
 
 
+def test_vae_decode_mode_decodes_the_posterior_mean():
+    from diffusers import AutoencoderKL
+
+    import torch.nn.functional as F
+
+    from training.train_vae import VAELoss, parse_args
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, latent_channels=4).eval()
+    vae.encoder.conv_out.bias.data[4:] = 2.0  # a wide posterior (log-variance 2), so that a draw differs from the mean
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mode = VAELoss(vae, 0.0, decode_mode=True)
+        sampled = VAELoss(vae, 0.0)
+        recon = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        exact = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
+        assert mode(pixels) == mode(pixels) and torch.allclose(mode(pixels), exact)
+        assert not torch.allclose(sampled(pixels), exact)
+    assert parse_args(["--data", "d", "--output-dir", "o", "--decode-mode"]).decode_mode
+    assert not parse_args(["--data", "d", "--output-dir", "o"]).decode_mode
+
+
 def test_judge_learns_and_reports_accuracy(toybooru, tmp_path):
     from training import train_judge
 
