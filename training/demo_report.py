@@ -269,6 +269,7 @@ def matched_checkpoints(work: Path, like) -> dict[str, Any]:
     scheduler of ``like``; named "b at step N" and "a at step N". Empty if there is none."""
     from pipelines.retrinet import RetriNetPipeline
     from training.checkpoints import list_checkpoints
+    from training.demo_zoo import RETRINET_BASE
     from training.export import export_retrinet
     from training.files import replacing_folder
 
@@ -283,7 +284,7 @@ def matched_checkpoints(work: Path, like) -> dict[str, Any]:
         folder = work / "report-models" / f"retrinet-{name}-step-{step}"
         if not (folder / "model_index.json").is_file():
             with replacing_folder(folder) as tmp:
-                export_retrinet(checkpoint, str(runs / "base" / "pipeline"), tmp)
+                export_retrinet(checkpoint, str(runs / RETRINET_BASE / "pipeline"), tmp)
         pipe = RetriNetPipeline.from_pretrained(folder, vae=like.vae, scheduler=like.scheduler)
         pipe.set_progress_bar_config(disable=True)
         pipes[f"{name} at step {step}"] = pipe
@@ -487,6 +488,11 @@ def render(f: dict[str, Any]) -> str:
               "![base](report/base.png)", ""]
     r = f["reconstruction"]
     lines += ["## RetriNet: reconstruction (4 figure references of one character in one outfit)", "",
+              "RetriNet (and its -a twin below) starts from the base's zero-terminal-SNR twin (v-prediction, "
+              "trailing timesteps; `train_text_to_image --zero-terminal-snr`), and samples with its noise "
+              "schedule: at the last timestep the noisy latent holds nothing of the picture, so colours can only "
+              "come from the references. The base above is the epsilon model, which follows its prompts better.",
+              "",
               f"Character (hair and eye colour) and outfit (colour and pattern) all right: "
               f"**{_pct(r['character_and_outfit'])}** of {r['pictures']} (goal 85 %). "
               f"Hair, eye and outfit colours (the pattern left out): **{_pct(r['three_colours'])}**.", "",

@@ -98,6 +98,8 @@ def test_face_masks_follow_the_picture_and_weigh_in_the_vae_loss(toybooru):
     from diffusers import AutoencoderKL
 
     from training.data.images import TaggedImages, collate_images, face_mask
+    import torch.nn.functional as F
+
     from training.train_vae import VAELoss, parse_args
 
     rec = {"face_bbox": [10, 20, 30, 40], "width": 100, "height": 50}
@@ -419,7 +421,7 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     import shutil
 
     from training import demo_report, train_judge, train_retrinet, train_semantica
-    from training.demo_zoo import package, write_manifest
+    from training.demo_zoo import RETRINET_BASE, package, write_manifest
 
     work = family["root"]
     runs = work / "runs"
@@ -429,7 +431,14 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
             os.symlink(work / name, runs / name)
     if not (work / "toybooru").exists():
         os.symlink(toybooru, work / "toybooru")
-    base = runs / "base" / "pipeline"
+    # RetriNet's base: the base's zero-terminal-SNR v twin (here the tiny base with that noise schedule)
+    twin = runs / RETRINET_BASE / "pipeline"
+    if not twin.exists():
+        shutil.copytree(runs / "base" / "pipeline", twin)
+        config = json.loads((twin / "scheduler" / "scheduler_config.json").read_text())
+        config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        (twin / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    base = twin
     for setting, name in (("b", "retrinet"), ("a", "retrinet-a")):
         train_retrinet.main(train_retrinet.parse_args(
             ["--pretrained", str(base), "--data", str(toybooru), "--output-dir", str(runs / name), "--resolution", "32",
@@ -438,8 +447,8 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
              "--retrieval-attention-heads", "4",
              *(["--validation-steps", "1", "--validation-inference-steps", "2"] if setting == "b" else [])]))
     train_semantica.main(train_semantica.parse_args(
-        ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(toybooru),
-         "--output-dir", str(runs / "semantica"), "--resolution", "32", "--train-batch-size", "2",
+        ["--pretrained", str(runs / "base" / "pipeline"), "--image-encoder", str(runs / "clip" / "clip"), "--data",
+         str(toybooru), "--output-dir", str(runs / "semantica"), "--resolution", "32", "--train-batch-size", "2",
          "--max-train-steps", "1", "--min-similarity", "-1", "--max-similarity", "1"]))
     train_judge.main(train_judge.parse_args(["--data", str(toybooru), "--width", "8", *shared(runs / "judge", 1, 8)]))
     out = tmp_path / "zoo"
@@ -447,6 +456,8 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     shutil.copytree(Path(__file__).resolve().parents[2] / "assets" / "demo-zoo" / "detector", out / "detector")
     package(work, out)
     assert {p.name for p in out.iterdir()} >= {"clip", "retrinet", "semantica", "judge", "detector"}
+    shipped = json.loads((out / "retrinet" / "scheduler" / "scheduler_config.json").read_text())
+    assert shipped["prediction_type"] == "v_prediction" and shipped["rescale_betas_zero_snr"]  # RetriNet's base's
     manifest = write_manifest(out, {"vae": {"command": ["python", "-m", "training.train_vae"]}}, seed=0)
     assert manifest["files"]["retrinet/model_index.json"]["bytes"] > 0 and manifest["total_bytes"] > 0
 
