@@ -528,6 +528,15 @@ def timestep_weights(noise_scheduler, timesteps: torch.Tensor, weighting: str = 
     return p2(compute_snr(noise_scheduler, timesteps)) / p2(compute_snr(noise_scheduler, every)).mean()
 
 
+def unweighted_last_step(noise_scheduler, weighting: str, snr_gamma: float = 5.0) -> bool:
+    """Whether ``weighting`` gives the last timestep no weight: a zero-terminal-SNR schedule under
+    v-prediction with ``min-snr`` or ``p2``, whose v weights are 0 at SNR 0. That step is the one
+    where the noisy latent holds nothing of the picture, where colours and layout must come from
+    the conditioning: a run that does not train it samples its first step untrained."""
+    last = torch.tensor([noise_scheduler.config.num_train_timesteps - 1])
+    return bool(timestep_weights(noise_scheduler, last, weighting, snr_gamma)[0] < 1e-6)
+
+
 def pyramid_noise(shape: tuple[int, ...], discount: float, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gaussian noise of ``shape`` (B, C, H, W) with more of its energy at low frequencies: white

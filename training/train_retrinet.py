@@ -50,7 +50,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipelines.concepts import CONCEPTS
 from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
 from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, pyramid_noise,
-                           read_metrics, timestep_weights)
+                           read_metrics, timestep_weights, unweighted_last_step)
 from training.data.retribooru import PROMPT_TAGS, RetriBooruDataset, collate
 from training.latents import LatentCache
 
@@ -497,6 +497,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                 prompt_tags=args.prompt_tags)
 
     vae, text_encoder, tokenizer, unet, noise_scheduler = load_base(args.pretrained, args.revision, args.unet)
+    if unweighted_last_step(noise_scheduler, args.timestep_weighting, args.snr_gamma):
+        logger.warning("--timestep-weighting %s gives the last timestep of this zero-terminal-SNR v schedule no "
+                       "weight: the step that must read the references is not trained (use uniform)",
+                       args.timestep_weighting)
     if args.retrinet:
         retrinet = RetriNetModel.from_pretrained(args.retrinet)
         if len(retrinet.down_blocks) != len(unet.down_blocks) or \

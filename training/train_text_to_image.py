@@ -38,7 +38,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipelines.components import DEMO_UNET, SD15_SCHEDULER
 from pipelines.retrinet import embed_texts
 from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
-                           WEIGHTINGS, timestep_weights, trainer_config)
+                           WEIGHTINGS, timestep_weights, trainer_config, unweighted_last_step)
 from training.data.images import TaggedImages, collate_images
 from training.latents import LatentCache
 
@@ -159,6 +159,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     split = None if args.split == "none" else args.split
     dataset = TaggedImages(args.data, split, args.resolution, tag_dropout=args.tag_dropout, seed=args.seed)
     vae, text_encoder, tokenizer, unet, noise_scheduler = load_components(args)
+    if unweighted_last_step(noise_scheduler, args.timestep_weighting, args.snr_gamma):
+        logger.warning("--timestep-weighting %s gives the last timestep of this zero-terminal-SNR v schedule no "
+                       "weight: the step where the prompt alone decides colours is not trained (use uniform)",
+                       args.timestep_weighting)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

@@ -152,6 +152,20 @@ def test_pyramid_noise_moves_energy_to_low_frequencies():
         pyramid_noise((4, 8, 8), 0.5)
 
 
+def test_unweighted_last_step_flags_v_weightings_on_a_zero_terminal_snr_schedule():
+    from diffusers import DDPMScheduler
+
+    from training.core import WEIGHTINGS, unweighted_last_step
+
+    zsnr = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    assert unweighted_last_step(zsnr, "min-snr") and unweighted_last_step(zsnr, "p2")
+    assert not unweighted_last_step(zsnr, "uniform")
+    for sd in (DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),  # SD 1.5's
+               DDPMScheduler(prediction_type="epsilon", rescale_betas_zero_snr=True)):  # epsilon: min(1, gamma / 0)
+        assert not any(unweighted_last_step(sd, w) for w in WEIGHTINGS)
+
+
 def test_pyramid_noise_is_drawn_on_the_device(monkeypatch):
     """Without a generator every draw happens on the target device (no host-to-device copy per
     training step); with one, where the generator lives, so a CPU generator stays reproducible."""
