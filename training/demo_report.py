@@ -537,8 +537,9 @@ def render(f: dict[str, Any]) -> str:
                   "none (`training.train_retrinet.reference_gap`). The gap, 1 - own / other averaged over the timesteps, is the "
                   "share of the loss that a sample's own references explain: 0 when the model reads its references "
                   "only generically."
-                  + (f" For scale, the same measure of the base model's prompt (its own full tag prompt against "
-                     f"another picture's) is {_pct(f['prompt_gap'])}." if "prompt_gap" in f else ""), "",
+                  + (f" The same measure of the base model's prompt (its own full tag prompt against another "
+                     f"picture's) is {_pct(f['prompt_gap'])}, on the epsilon base's loss: RetriNet's gap is on its own "
+                     "(v-prediction) loss, so the two do not compare directly." if "prompt_gap" in f else ""), "",
                   "| setting | gap | " + " | ".join(f"own / other / none at t={t}" for t in ts) + " |",
                   "|---|---|" + "---|" * len(ts)]
         for name, v in g.items():

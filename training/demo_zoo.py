@@ -77,9 +77,10 @@ class Stage:
 # What did (session 11): RetriNet on a zero-terminal-SNR base (v-prediction, trailing timesteps, uniform
 # weighting: min-SNR's v weight is 0 at the last step, the one that must read the references). At the last
 # step the noisy latent then holds nothing of the picture, so the colours have to come from the references:
-# with the same 3000 steps the gap reached 19.7 % (12 % after 1050 steps, against 1 % before), and the judge
-# found the target's outfit colour in 29 % of 48 reconstructions against 4 % with another target's references
-# (12 % against 12 % before)
+# with the same 3000 steps the gap (on the v loss, so not on v4's scale) reached 12 % after 1050 steps (v4's:
+# 1 %) and 22.6 % at the end, and the judge found the target's outfit colour in 24.0 % of the report's 96
+# reconstructions against 6.2 % with another target's references (v4: 7.3 % against 4.2 %); hair colour not yet
+# (8.3 % against 6.2 %)
 RETRINET_STEPS = 3000
 RETRINET_LR = 2e-3
 RETRINET_BASE = "base-zsnr"  # the run under runs/ whose pipeline RetriNet starts from
@@ -102,8 +103,9 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
                 "--seed", str(seed), "--resume-from-checkpoint", "latest"]
 
     base = runs / "base" / "pipeline"
-    retrinet = ["--pretrained", str(runs / RETRINET_BASE / "pipeline"), "--data", str(data), "--task", "multitask", "--num-references", "4",
-                "--resolution", "64", "--retrieval-attention-heads", "4", "--gradient-accumulation-steps", "1",
+    retrinet = ["--pretrained", str(runs / RETRINET_BASE / "pipeline"), "--data", str(data), "--task", "multitask",
+                "--num-references", "4", "--resolution", "64", "--retrieval-attention-heads", "4",
+                "--gradient-accumulation-steps", "1",
                 "--restart-steps", str(RETRINET_STEPS), "--lr-warmup-steps", "20", "--prompt-tags", "neutral",
                 "--cache-latents", "--timestep-weighting", "uniform",
                 "--validation-steps", "150", "--num-validation-images", "2"]
