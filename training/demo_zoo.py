@@ -281,7 +281,7 @@ def shipped_vae(work: Path, vae):
 
 def package(work: Path, out: Path) -> None:
     """Assemble ``out`` from the runs: each public class loads its folder directly."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
 
@@ -290,13 +290,13 @@ def package(work: Path, out: Path) -> None:
     copy_folder(runs / "clip" / "clip", out / "clip")
     copy_folder(runs / "judge" / "judge", out / "judge")
     shutil.copy(runs / "judge" / "accuracy.json", out / "judge" / "accuracy.json")
-    base = StableDiffusionPipeline.from_pretrained(runs / "base" / "pipeline")
+    base_vae = AutoencoderKL.from_pretrained(runs / "base" / "pipeline", subfolder="vae")
     # the base RetriNet trained from (the zero-terminal-SNR twin: the same VAE and text tower, its own UNet and
     # noise schedule, which the pipeline must sample with)
     retrinet_base = StableDiffusionPipeline.from_pretrained(runs / RETRINET_BASE / "pipeline")
     unet = UNet2DConditionModel.from_pretrained(runs / "retrinet" / "unet") \
         if (runs / "retrinet" / "unet").is_dir() else retrinet_base.unet
-    pipe = RetriNetPipeline(vae=shipped_vae(work, base.vae), text_encoder=retrinet_base.text_encoder,
+    pipe = RetriNetPipeline(vae=shipped_vae(work, base_vae), text_encoder=retrinet_base.text_encoder,
                             tokenizer=retrinet_base.tokenizer, unet=unet,
                             retrinet=RetriNetModel.from_pretrained(runs / "retrinet" / "retrinet"),
                             scheduler=DPMSolverMultistepScheduler.from_config(retrinet_base.scheduler.config))
@@ -304,7 +304,7 @@ def package(work: Path, out: Path) -> None:
         pipe.save_pretrained(tmp)
     if (runs / "semantica" / "semantica").is_dir():
         copy_folder(runs / "semantica" / "semantica", out / "semantica")
-        if pipe.vae is not base.vae:  # Semantica trained on the base's latents too: it takes the same decoder
+        if pipe.vae is not base_vae:  # Semantica trained on the base's latents too: it takes the same decoder
             with replacing_folder(out / "semantica" / "vae") as tmp:
                 pipe.vae.save_pretrained(tmp)
     if (runs / "detector" / "export").is_dir():

@@ -98,8 +98,6 @@ def test_face_masks_follow_the_picture_and_weigh_in_the_vae_loss(toybooru):
     from diffusers import AutoencoderKL
 
     from training.data.images import TaggedImages, collate_images, face_mask
-    import torch.nn.functional as F
-
     from training.train_vae import VAELoss, parse_args
 
     rec = {"face_bbox": [10, 20, 30, 40], "width": 100, "height": 50}
@@ -251,9 +249,8 @@ def test_vae_decoder_only_keeps_the_encoder_and_its_scale(family, toybooru, tmp_
 
 
 def test_vae_decode_mode_decodes_the_posterior_mean():
-    from diffusers import AutoencoderKL
-
     import torch.nn.functional as F
+    from diffusers import AutoencoderKL
 
     from training.train_vae import VAELoss, parse_args
 
