@@ -240,6 +240,8 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                 raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {work / 'logs' / name}.log")
             stage = stages[name]
             rec = records.get(name, {})
+            if rec.get("command") != stage.command:  # another command's record (time, notes) is not this run's
+                rec = {}
             rec.update({"command": stage.command, "seconds": round(rec.get("seconds", 0) + time.perf_counter() - t0, 1),
                         **summarize(stage)})
             records[name] = rec

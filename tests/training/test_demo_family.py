@@ -390,6 +390,13 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
     assert json.loads((work / "stages.json").read_text()).keys() == records.keys()
     run_stages(stages, work, jobs=2)  # everything is done: nothing runs again
     assert log.read_text().split() == ["a", "b", "c"]
+    # a stage run again with another command line keeps nothing of the old command's record
+    saved = json.loads((work / "stages.json").read_text())
+    saved["a"] = {"command": ["python", "-m", "old"], "seconds": 1e6, "note": "the old command's"}
+    (work / "stages.json").write_text(json.dumps(saved))
+    (made / "a").unlink()
+    rerun = run_stages({"a": stage("a")}, work, jobs=1)
+    assert "note" not in rerun["a"] and rerun["a"]["seconds"] < 1e3 and rerun["a"]["command"][-3] == "a"
     with pytest.raises(RuntimeError, match="stage bad failed"):
         run_stages({"bad": stage("bad")}, work, jobs=1)
     import time
