@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AsymmetricAutoencoderKL, AutoencoderKL, AutoModel, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 SD15_UNET = {
@@ -139,6 +139,23 @@ def build_components(size: str = "tiny", seed: int = 0, tokenizer: CLIPTokenizer
         raise ValueError(f"a vocabulary of {text_cfg['vocab_size']} is too small for {len(tokenizer)} tokens")
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
             "scheduler": PNDMScheduler(**SD15_SCHEDULER)}
+
+
+VAE_CLASSES = (AutoencoderKL, AsymmetricAutoencoderKL)
+
+
+def load_vae(path: str | Path, **kwargs) -> AutoencoderKL | AsymmetricAutoencoderKL:
+    """The autoencoder saved at ``path`` (a folder or Hub id; ``kwargs`` go to ``from_pretrained``, e.g.
+    ``subfolder``): an ``AutoencoderKL``, or the ``AsymmetricAutoencoderKL`` that a larger decoder trained on a
+    frozen encoder makes (``train_vae --decoder-channels``; the same latents, so the same diffusion models).
+    diffusers' ``AutoModel`` picks the class from the saved config."""
+    try:  # a str: diffusers 0.42's AutoModel fails on a Path (it joins the path into a load id)
+        vae = AutoModel.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot load a VAE from {path}: {e}") from e
+    if not isinstance(vae, VAE_CLASSES):
+        raise ValueError(f"{path} holds a {type(vae).__name__}, not an AutoencoderKL or AsymmetricAutoencoderKL")
+    return vae
 
 
 def write_word_tokenizer(folder: str | Path, words, model_max_length: int = 77) -> Path:

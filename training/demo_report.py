@@ -126,9 +126,9 @@ def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: rand
                 pictures: int = 600) -> dict[str, Any]:
     """The judge on real test pictures and on their VAE reconstructions: what the autoencoder alone
     lets any model of the family reach (a generator cannot draw what its VAE cannot decode)."""
-    from diffusers import AutoencoderKL
+    from pipelines.components import load_vae
 
-    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    vae = load_vae(vae_folder).eval()
     chosen = rng.sample(test, min(pictures, len(test)))
     real = torch.stack([torch.from_numpy(np.array(open_record(root, r)[0].resize((SIZE, SIZE))))
                         .permute(2, 0, 1) for r in chosen]).float().div(127.5).sub(1.0)
@@ -300,8 +300,9 @@ def retrinet_pipeline(folder: Path):
 
 
 def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+    from pipelines.components import load_vae
     from pipelines.metrics import ClipScorer, face_distance
     from pipelines.metrics.attributes import AttributeClassifier
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
@@ -326,7 +327,7 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     # base model: full tag prompts of test pictures
     # the shipped VAE (its decoder trained on after the base; the same encoder and latents)
     base = StableDiffusionPipeline.from_pretrained(work / "runs" / "base" / "pipeline", safety_checker=None,
-                                                   vae=AutoencoderKL.from_pretrained(out / "retrinet" / "vae"))
+                                                   vae=load_vae(out / "retrinet" / "vae"))
     base.set_progress_bar_config(disable=True)
     chosen = rng.sample(test, samples)
     prompts = [prompt_from_tags(r["tags"]) for r in chosen]

@@ -270,12 +270,12 @@ def sha256(path: Path) -> str:
 def shipped_vae(work: Path, vae):
     """The VAE that ships: ``vae`` with the decoder of the ``vae-decoder`` stage when it ran (the same
     encoder, so the same latents as the base and RetriNet were trained on)."""
-    from diffusers import AutoencoderKL
+    from pipelines.components import load_vae
 
     folder = work / "runs" / "vae-decoder" / "vae"
     if not folder.is_dir():
         return vae
-    tuned = AutoencoderKL.from_pretrained(folder)
+    tuned = load_vae(folder)
     if tuned.config.scaling_factor != vae.config.scaling_factor:
         raise ValueError(f"{folder} has another latent scale than the base's VAE: not a decoder fine-tune of it")
     return tuned

@@ -10,7 +10,10 @@ shapes right long before colours, and colours are what the demo's report judges.
 adds an MSE over the face boxes' pixels alone: a full figure's eyes are a few pixels that a
 whole-picture loss hardly sees. ``--decoder-only`` fine-tunes the decoder of a trained VAE and keeps
 its encoder, so a diffusion model trained on its latents can use the new decoder as it is;
-``--decode-mode`` decodes each posterior's mean instead of a draw from it. When
+``--decode-mode`` decodes each posterior's mean instead of a draw from it. ``--decoder-channels`` makes the
+decoder a new, wider one trained from scratch on the frozen encoder: an ``AsymmetricAutoencoderKL`` (Zhu et al.,
+2023, "Designing a Better Asymmetric VQGAN for StableDiffusion"), whose encoder, latents and scale are the
+pretrained VAE's, and which the pipelines load in its place. When
 training ends, the latents' standard deviation over up to
 1,024 training pictures sets ``scaling_factor`` (SD 1.5's 0.18215 was found the same way), and the
 model is saved to ``OUT/vae``.
@@ -27,9 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AsymmetricAutoencoderKL, AutoencoderKL
 
-from pipelines.components import DEMO_VAE
+from pipelines.components import DEMO_VAE, load_vae
 from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
                            trainer_config)
 from training.data.images import TaggedImages, collate_images
@@ -55,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-mode", action="store_true",
                    help="decode each picture's posterior mean (its mode) instead of a draw from the posterior: the "
                         "decoder then learns the exact latents, not latents blurred by the posterior's noise")
+    p.add_argument("--decoder-channels", default=None,
+                   help="with --decoder-only: train a new decoder with these block widths (comma-separated, as "
+                        "many as the encoder's blocks, e.g. 32,64,128) on the frozen encoder, saved as an "
+                        "AsymmetricAutoencoderKL")
+    p.add_argument("--decoder-layers-per-block", type=int, default=None,
+                   help="with --decoder-channels: the new decoder's layers per block (default: the encoder's)")
     add_training_arguments(p, learning_rate=1e-3, batch_size=32, max_train_steps=2000, checkpointing_steps=200)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
@@ -62,15 +71,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--kl-weight, --color-loss-weight and --face-loss-weight must not be negative")
     if args.decoder_only and not args.pretrained_vae:
         p.error("--decoder-only fine-tunes a trained VAE: give --pretrained-vae")
+    if args.decoder_channels is not None:
+        if not args.decoder_only:
+            p.error("--decoder-channels trains a new decoder on a frozen encoder: give --decoder-only")
+        try:
+            args.decoder_channels = tuple(int(c) for c in args.decoder_channels.split(","))
+        except ValueError:
+            p.error(f"--decoder-channels must be comma-separated integers, got {args.decoder_channels!r}")
+        if not args.decoder_channels or min(args.decoder_channels) < 1:
+            p.error("--decoder-channels must be positive")
+    if args.decoder_layers_per_block is not None:
+        if args.decoder_channels is None:
+            p.error("--decoder-layers-per-block goes with --decoder-channels")
+        if args.decoder_layers_per_block < 1:
+            p.error("--decoder-layers-per-block must be at least 1")
     return args
 
 
-def build_vae(args) -> AutoencoderKL:
+def build_vae(args) -> AutoencoderKL | AsymmetricAutoencoderKL:
     if args.pretrained_vae:
-        try:
-            return AutoencoderKL.from_pretrained(args.pretrained_vae)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load the VAE {args.pretrained_vae}: {e}") from e
+        vae = load_vae(args.pretrained_vae)
+        if getattr(args, "decoder_channels", None):
+            return with_new_decoder(vae, args.decoder_channels, args.decoder_layers_per_block)
+        return vae
     config = dict(DEMO_VAE)
     if args.vae_config:
         try:
@@ -80,12 +103,40 @@ def build_vae(args) -> AutoencoderKL:
     return AutoencoderKL(**config)
 
 
+def with_new_decoder(vae: AutoencoderKL | AsymmetricAutoencoderKL, channels: tuple[int, ...],
+                     layers_per_block: int | None = None) -> AsymmetricAutoencoderKL:
+    """An ``AsymmetricAutoencoderKL`` with ``vae``'s encoder, ``quant_conv`` and latent scale (copied) and a new,
+    randomly initialised decoder of block widths ``channels``: the latents stay those a diffusion model was trained
+    on. Its decoder's inpainting branch (``condition_encoder``) is left unused and frozen."""
+    c = vae.config
+    asymmetric = isinstance(vae, AsymmetricAutoencoderKL)
+    encoder_channels = tuple(c.down_block_out_channels if asymmetric else c.block_out_channels)
+    encoder_layers = c.layers_per_down_block if asymmetric else c.layers_per_block
+    if len(channels) != len(encoder_channels):
+        raise ValueError(f"the decoder needs {len(encoder_channels)} block widths, one per encoder block (the same "
+                         f"downsampling), got {len(channels)}: {channels}")
+    if any(ch % c.norm_num_groups for ch in channels):
+        raise ValueError(f"every decoder width must be a multiple of the VAE's norm_num_groups {c.norm_num_groups}, "
+                         f"got {channels}")
+    if vae.quant_conv is None:
+        raise ValueError("the VAE has no quant_conv (use_quant_conv=False), which AsymmetricAutoencoderKL requires")
+    new = AsymmetricAutoencoderKL(
+        in_channels=c.in_channels, out_channels=c.out_channels, down_block_types=tuple(c.down_block_types),
+        down_block_out_channels=encoder_channels, layers_per_down_block=encoder_layers,
+        up_block_types=("UpDecoderBlock2D",) * len(channels), up_block_out_channels=tuple(channels),
+        layers_per_up_block=layers_per_block or encoder_layers, act_fn=c.act_fn, latent_channels=c.latent_channels,
+        norm_num_groups=c.norm_num_groups, sample_size=c.sample_size, scaling_factor=c.scaling_factor)
+    new.encoder.load_state_dict(vae.encoder.state_dict())
+    new.quant_conv.load_state_dict(vae.quant_conv.state_dict())
+    return new
+
+
 class VAELoss(torch.nn.Module):
     """The VAE and its loss in one ``forward``, so that a data-parallel wrapper (which syncs
     gradients only through ``forward``) sees the whole step."""
 
-    def __init__(self, vae: AutoencoderKL, kl_weight: float, color_weight: float = 0.0, face_weight: float = 0.0,
-                 decoder_only: bool = False, decode_mode: bool = False):
+    def __init__(self, vae: AutoencoderKL | AsymmetricAutoencoderKL, kl_weight: float, color_weight: float = 0.0,
+                 face_weight: float = 0.0, decoder_only: bool = False, decode_mode: bool = False):
         super().__init__()
         self.vae, self.kl_weight, self.color_weight, self.face_weight = vae, kl_weight, color_weight, face_weight
         self.decoder_only, self.decode_mode = decoder_only, decode_mode
@@ -93,6 +144,8 @@ class VAELoss(torch.nn.Module):
             vae.encoder.requires_grad_(False)
             if vae.quant_conv is not None:
                 vae.quant_conv.requires_grad_(False)
+            if hasattr(vae.decoder, "condition_encoder"):  # AsymmetricAutoencoderKL's inpainting branch: unused
+                vae.decoder.condition_encoder.requires_grad_(False)
 
     def forward(self, pixels: torch.Tensor, face: torch.Tensor | None = None) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):

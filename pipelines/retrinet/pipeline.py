@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AsymmetricAutoencoderKL, AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
@@ -130,8 +131,8 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
     prepare_latents = StableDiffusionPipeline.prepare_latents
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
 
-    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 unet: UNet2DConditionModel, retrinet: RetriNetModel, scheduler: KarrasDiffusionSchedulers):
+    def __init__(self, vae: AutoencoderKL | AsymmetricAutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, unet: UNet2DConditionModel, retrinet: RetriNetModel, scheduler: KarrasDiffusionSchedulers):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, retrinet=retrinet,
                               scheduler=scheduler)

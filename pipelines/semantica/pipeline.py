@@ -20,7 +20,8 @@ from typing import ClassVar
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AsymmetricAutoencoderKL, AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -52,7 +53,8 @@ class SemanticaPipeline(DiffusionPipeline):
     prepare_latents = StableDiffusionPipeline.prepare_latents
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: KarrasDiffusionSchedulers,
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL | AsymmetricAutoencoderKL,
+                 scheduler: KarrasDiffusionSchedulers,
                  image_encoder: Dinov2Model | CLIPVisionModel, feature_extractor, conditioner: SemanticaConditioner):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler, image_encoder=image_encoder,

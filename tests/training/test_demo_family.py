@@ -248,6 +248,69 @@ def test_vae_decoder_only_keeps_the_encoder_and_its_scale(family, toybooru, tmp_
         train_vae.parse_args(["--data", str(toybooru), "--decoder-only", *shared(tmp_path / "bad")])
 
 
+def test_vae_new_decoder_is_an_asymmetric_vae_on_the_frozen_encoder(family, toybooru, tmp_path):
+    from diffusers import AsymmetricAutoencoderKL, AutoencoderKL, StableDiffusionPipeline
+
+    from pipelines.components import load_vae
+    from training import train_vae
+    from training.demo_zoo import shipped_vae
+
+    first = family["root"] / "vae" / "vae"
+    args = ["--data", str(toybooru), "--pretrained-vae", str(first), "--decoder-only", "--decoder-channels", "24,48",
+            "--decoder-layers-per-block", "2", "--learning-rate", "1e-2"]
+    train_vae.main(train_vae.parse_args([*args, *shared(tmp_path / "dec")]))
+    # resumable: the same new decoder is rebuilt and its checkpoint loads into it
+    result = train_vae.main(train_vae.parse_args([*args, *shared(tmp_path / "dec", steps=3),
+                                                  "--resume-from-checkpoint", "latest"]))
+    assert result["global_step"] == 3
+    before, after = AutoencoderKL.from_pretrained(first), load_vae(tmp_path / "dec" / "vae")
+    assert isinstance(after, AsymmetricAutoencoderKL)
+    assert after.config.up_block_out_channels == [24, 48] and after.config.layers_per_up_block == 2
+    assert after.config.scaling_factor == before.config.scaling_factor == result["scaling_factor"]
+    for part in ("encoder", "quant_conv"):
+        for (name, a), (_, b) in zip(getattr(before, part).named_parameters(), getattr(after, part).named_parameters()):
+            assert torch.equal(a, b), (part, name)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = after.encode(pixels).latent_dist.mode()
+        assert torch.equal(latents, before.encode(pixels).latent_dist.mode())  # the diffusion models' latents
+        assert after.decode(latents).sample.shape == (2, 3, 32, 32)
+    train_vae.VAELoss(after, 0.0, decoder_only=True)  # what trains: the decoder but its unused inpainting branch
+    frozen = ("encoder.", "quant_conv.", "decoder.condition_encoder.")
+    assert all(p.requires_grad != n.startswith(frozen) for n, p in after.named_parameters())
+    # the build ships it in the base's VAE's place, and a pipeline samples with it
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "dec").rename(tmp_path / "runs" / "vae-decoder")
+    assert isinstance(shipped_vae(tmp_path, before), AsymmetricAutoencoderKL)
+    pipe = StableDiffusionPipeline.from_pretrained(family["root"] / "base" / "pipeline", safety_checker=None,
+                                                   vae=after)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("blue hair", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_vae_new_decoder_bad_input():
+    from diffusers import AutoencoderKL
+
+    from pipelines.components import load_vae
+    from training.train_vae import parse_args, with_new_decoder
+
+    base = ["--data", "d", "--output-dir", "o", "--pretrained-vae", "v"]
+    for bad in (["--decoder-channels", "24,48"],  # without --decoder-only
+                ["--decoder-only", "--decoder-channels", "24,x"], ["--decoder-only", "--decoder-channels", "24,0"],
+                ["--decoder-only", "--decoder-layers-per-block", "2"]):
+        with pytest.raises(SystemExit):
+            parse_args([*base, *bad])
+    assert parse_args([*base, "--decoder-only", "--decoder-channels", "24,48"]).decoder_channels == (24, 48)
+    vae = AutoencoderKL(**TINY_VAE)
+    with pytest.raises(ValueError, match="one per encoder block"):
+        with_new_decoder(vae, (24, 48, 96))
+    with pytest.raises(ValueError, match="multiple of the VAE's norm_num_groups 8"):
+        with_new_decoder(vae, (24, 44))
+    with pytest.raises(ValueError, match="not an AutoencoderKL"):
+        load_vae(Path(__file__).parents[2] / "assets" / "demo-zoo" / "retrinet", subfolder="unet")
+
+
 def test_vae_decode_mode_decodes_the_posterior_mean():
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
