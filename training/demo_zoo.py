@@ -8,8 +8,7 @@ checkpoints, and skipped when its output is already complete):
 
     data       Toybooru at 64 px, demo scene          python -m training.data.toybooru
     vae        AutoencoderKL, 64 px -> 16x16x4        training.train_vae
-    vae-decoder its decoder trained on alone          training.train_vae --decoder-only
-    vae-polish the same decoder, on at a lower rate   training.train_vae --decoder-only (shipped)
+    vae-decoder its decoder trained on alone          training.train_vae --decoder-only (shipped)
     clip       CLIPModel + word-level tokenizer       training.train_clip
     base       text-to-image UNet (the demo's "SD")   training.train_text_to_image
     base-zsnr  its zero-terminal-SNR, v twin          training.train_text_to_image (RetriNet's base)
@@ -125,14 +124,6 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
                "--pretrained-vae", str(runs / "vae" / "vae"), "--decoder-only",
                *common("vae-decoder", 1500, 32, 1e-3, every=100)],
               ran("vae-decoder", "vae"), ("vae",), runs / "vae-decoder"),
-        # 1000 more steps at half the rate and batch: the judge read hair and outfit colour on 38.5 % of
-        # vae-decoder's reconstructions, and on 42.0 % after 500 such steps (session 11); a decoder of twice the width
-        # (train_vae --decoder-channels 32,64,128) trained from scratch instead was at 25.0 % after 500 of 1000 steps
-        Stage("vae-polish", "training.train_vae",
-              ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20", "--face-loss-weight", "1.0",
-               "--pretrained-vae", str(runs / "vae-decoder" / "vae"), "--decoder-only",
-               *common("vae-polish", 1000, 16, 5e-4, every=250)],
-              ran("vae-polish", "vae"), ("vae-decoder",), runs / "vae-polish"),
         # 2000 steps: after 400 the CLIP told a picture's caption from the same caption with another hair colour
         # only 21 % of the time (another outfit colour: 68 %), and the base, which reads its frozen text tower,
         # cannot follow what the tower does not tell apart; about 95 % and 97 % after 2000, and the base trained on it
@@ -277,13 +268,12 @@ def sha256(path: Path) -> str:
 
 
 def shipped_vae(work: Path, vae):
-    """The VAE that ships: ``vae`` with the decoder of the ``vae-polish`` stage, or else of ``vae-decoder``, when
-    one ran (the same encoder, so the same latents as the base and RetriNet were trained on)."""
+    """The VAE that ships: ``vae`` with the decoder of the ``vae-decoder`` stage when it ran (the same
+    encoder, so the same latents as the base and RetriNet were trained on)."""
     from pipelines.components import load_vae
 
-    folder = next((f for f in (work / "runs" / name / "vae" for name in ("vae-polish", "vae-decoder")) if f.is_dir()),
-                  None)
-    if folder is None:
+    folder = work / "runs" / "vae-decoder" / "vae"
+    if not folder.is_dir():
         return vae
     tuned = load_vae(folder)
     if tuned.config.scaling_factor != vae.config.scaling_factor:
