@@ -132,7 +132,8 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
 
     def __init__(self, vae: AutoencoderKL | AsymmetricAutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, unet: UNet2DConditionModel, retrinet: RetriNetModel, scheduler: KarrasDiffusionSchedulers):
+                 tokenizer: CLIPTokenizer, unet: UNet2DConditionModel, retrinet: RetriNetModel,
+                 scheduler: KarrasDiffusionSchedulers):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, retrinet=retrinet,
                               scheduler=scheduler)
