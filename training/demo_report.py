@@ -528,7 +528,8 @@ def render(f: dict[str, Any]) -> str:
         for name, v in s.items():
             lines.append(f"| -{name} | " + " | ".join(f"{v[k]:.4f}" if k in v else "-" for k in keys) + " |")
         lines += ["", "CLIP-I, CLIP-T and the face embeddings come from the demo CLIP; DF-L2 counts only pictures "
-                  "where the detector finds a head in both.", ""]
+                  "where the detector finds a head in both (lower is closer). SWD is better higher: a picture adds "
+                  "to it only when it is both faithful to its references and varied (seed 000, Sec. 4).", ""]
     if f.get("reference_gap"):
         g = f["reference_gap"]
         ts = next(iter(g.values()))["timesteps"]
