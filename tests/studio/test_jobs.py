@@ -91,7 +91,10 @@ def test_a_run_checkpoints_stops_resumes_and_its_checkpoint_composes(manager, to
 
     pgid = json.loads((manager.jobs_dir / job_id / "job.json").read_text())["pgid"]
     st = again.stop(job_id, timeout=20)
-    assert st.state == "stopped" and st.returncode in (None, -signal.SIGTERM) and group_gone(pgid)
+    # ended by the SIGTERM: killed by it (-15), or exiting on it with the conventional 128 + 15 (a CI run saw the
+    # launcher do that); None when the manager that stops it did not start it
+    assert st.state == "stopped" and st.returncode in (None, -signal.SIGTERM, 128 + signal.SIGTERM)
+    assert group_gone(pgid)
     assert manager.status(job_id).state == "stopped"
     stopped_at = max(int(c.split("-")[1]) for c in st.checkpoints)
 
