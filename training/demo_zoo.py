@@ -283,8 +283,9 @@ def shipped_vae(work: Path, vae):
 
 def package(work: Path, out: Path) -> None:
     """Assemble ``out`` from the runs: each public class loads its folder directly."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+    from pipelines.components import load_vae
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
 
     runs = work / "runs"
@@ -292,7 +293,7 @@ def package(work: Path, out: Path) -> None:
     copy_folder(runs / "clip" / "clip", out / "clip")
     copy_folder(runs / "judge" / "judge", out / "judge")
     shutil.copy(runs / "judge" / "accuracy.json", out / "judge" / "accuracy.json")
-    base_vae = AutoencoderKL.from_pretrained(runs / "base" / "pipeline", subfolder="vae")
+    base_vae = load_vae(runs / "base" / "pipeline", subfolder="vae")
     # the base RetriNet trained from (the zero-terminal-SNR twin: the same VAE and text tower, its own UNet and
     # noise schedule, which the pipeline must sample with)
     retrinet_base = StableDiffusionPipeline.from_pretrained(runs / RETRINET_BASE / "pipeline")

@@ -70,13 +70,14 @@ def export_retrinet(source: Path, pretrained: str | None, target: Path, unet: st
     a checkpoint holds only if the UNet trained."""
     if not pretrained:
         raise ValueError("the run's record names no base model")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from pipelines.components import load_vae
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
 
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True)
+        vae = load_vae(pretrained, subfolder="vae", use_safetensors=True)
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
         base_unet = None if unet else UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet",
@@ -107,14 +108,15 @@ def export_semantica(source: Path, pretrained: str | None, image_encoder: str | 
     """A ``SemanticaPipeline`` folder from a Semantica training checkpoint."""
     if not pretrained or not image_encoder:
         raise ValueError("the run's record names no base model or image encoder")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
+    from pipelines.components import load_vae
     from pipelines.semantica import SemanticaConditioner, SemanticaPipeline, load_image_encoder, prepare_unet
 
     config = _config(_signature(source).get("conditioner") or {})
     conditioner = SemanticaConditioner.from_config(config)
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True)
+        vae = load_vae(pretrained, subfolder="vae", use_safetensors=True)
         unet = prepare_unet(UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True),
                             config.get("conditioning", "tokens"))
     except (OSError, ValueError) as e:

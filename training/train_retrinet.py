@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers import SchedulerMixin
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pipelines.components import load_vae
 from pipelines.concepts import CONCEPTS
 from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
 from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, pyramid_noise,
@@ -151,7 +152,7 @@ def load_base(pretrained: str, revision: str | None = None, unet: str | None = N
     ``unet``: a UNet folder to take instead of the model's (an earlier run's ``OUT/unet``)."""
     kw = {"revision": revision} if revision else {}
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)
+        vae = load_vae(pretrained, subfolder="vae", **kw)
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.schedulers import SchedulerMixin
 from PIL import Image
 
+from pipelines.components import load_vae
 from pipelines.semantica import (
     CONDITIONINGS,
     SemanticaConditioner,
@@ -128,7 +129,7 @@ def load_base(pretrained: str, conditioning: str, revision: str | None = None):
     """VAE, UNet (prepared for ``conditioning``) and training noise scheduler of a diffusers model."""
     kw = {"revision": revision} if revision else {}
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)
+        vae = load_vae(pretrained, subfolder="vae", **kw)
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:

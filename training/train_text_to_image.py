@@ -31,11 +31,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipelines.components import DEMO_UNET, SD15_SCHEDULER
+from pipelines.components import DEMO_UNET, SD15_SCHEDULER, load_vae
 from pipelines.retrinet import embed_texts
 from training.core import (Trainer, add_training_arguments, check_training_arguments, prepare_optimisation, start_run,
                            WEIGHTINGS, timestep_weights, trainer_config, unweighted_last_step)
@@ -50,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("models")
     g.add_argument("--pretrained", default=None, help="a Stable Diffusion folder or Hub id to fine-tune")
-    g.add_argument("--vae", default=None, help="an AutoencoderKL folder (with no --pretrained)")
+    g.add_argument("--vae", default=None, help="an AutoencoderKL (or AsymmetricAutoencoderKL) folder (with no --pretrained)")
     g.add_argument("--text-encoder", default=None, help="a CLIPTextModel or CLIPModel folder (with no --pretrained)")
     g.add_argument("--tokenizer", default=None, help="a CLIPTokenizer folder (default: the text encoder's)")
     g.add_argument("--unet-config", default=None, help="JSON file of UNet2DConditionModel arguments")
@@ -95,14 +94,14 @@ def load_components(args):
     """VAE, text encoder, tokenizer, UNet and the training noise scheduler."""
     try:
         if args.pretrained:
-            vae = AutoencoderKL.from_pretrained(args.pretrained, subfolder="vae")
+            vae = load_vae(args.pretrained, subfolder="vae")
             text_encoder = CLIPTextModel.from_pretrained(args.pretrained, subfolder="text_encoder")
             tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer or args.pretrained,
                                                       **({} if args.tokenizer else {"subfolder": "tokenizer"}))
             noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained, subfolder="scheduler")
             unet = None if args.unet_config else UNet2DConditionModel.from_pretrained(args.pretrained, subfolder="unet")
         else:
-            vae = AutoencoderKL.from_pretrained(args.vae)
+            vae = load_vae(args.vae)
             text_encoder = CLIPTextModel.from_pretrained(args.text_encoder)
             tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer or args.text_encoder)
             noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()

@@ -287,6 +287,17 @@ def test_vae_new_decoder_is_an_asymmetric_vae_on_the_frozen_encoder(family, toyb
     pipe.set_progress_bar_config(disable=True)
     image = pipe("blue hair", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    # the training scripts read a pipeline folder holding it as they read one with a plain AutoencoderKL
+    pipe.save_pretrained(tmp_path / "asym-sd")
+    from training import train_retrinet, train_semantica, train_text_to_image
+
+    sd = str(tmp_path / "asym-sd")
+    loaded = [train_retrinet.load_base(sd)[0], train_semantica.load_base(sd, "tokens")[0],
+              train_text_to_image.load_components(train_text_to_image.parse_args(
+                  ["--pretrained", sd, "--data", str(toybooru), "--output-dir", str(tmp_path / "t2i")]))[0]]
+    for vae in loaded:
+        assert isinstance(vae, AsymmetricAutoencoderKL)
+        assert torch.equal(vae.decoder.conv_out.weight, after.decoder.conv_out.weight)
 
 
 def test_vae_new_decoder_bad_input():
