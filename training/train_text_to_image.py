@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("models")
     g.add_argument("--pretrained", default=None, help="a Stable Diffusion folder or Hub id to fine-tune")
-    g.add_argument("--vae", default=None, help="an AutoencoderKL (or AsymmetricAutoencoderKL) folder (with no --pretrained)")
+    g.add_argument("--vae", default=None,
+                   help="an AutoencoderKL (or AsymmetricAutoencoderKL) folder (with no --pretrained)")
     g.add_argument("--text-encoder", default=None, help="a CLIPTextModel or CLIPModel folder (with no --pretrained)")
     g.add_argument("--tokenizer", default=None, help="a CLIPTokenizer folder (default: the text encoder's)")
     g.add_argument("--unet-config", default=None, help="JSON file of UNet2DConditionModel arguments")
