@@ -299,6 +299,15 @@ def retrinet_pipeline(folder: Path):
     return pipe
 
 
+def missing_inputs(out: Path, work: Path) -> list[str]:
+    """What the report reads and cannot find: the shipped models in ``out`` and, in the build's
+    ``work`` folder, its Toybooru and the base text-to-image model (which does not ship)."""
+    needed = [out / "judge" / "accuracy.json", out / "judge" / "config.json", out / "retrinet" / "model_index.json",
+              out / "clip" / "config.json", out / "detector", work / "toybooru" / "annotations.jsonl",
+              work / "runs" / "base" / "pipeline" / "model_index.json"]
+    return [str(p) for p in needed if not p.exists()]
+
+
 def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dict[str, Any]:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -310,6 +319,12 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
 
     t0 = time.perf_counter()
     out, work = Path(out), Path(work)
+    if samples < 2:
+        raise ValueError(f"the report needs at least 2 pictures per figure, got {samples}")
+    missing = missing_inputs(out, work)
+    if missing:
+        raise ValueError(f"the report reads the shipped models in {out} and the build's work folder {work}; missing: "
+                         f"{', '.join(missing)}. Build first (python -m training.demo_zoo --out {out} --work {work})")
     root = work / "toybooru"
     records, _ = read_annotations(root)
     test = [r for r in records if r["split"] == "test"]

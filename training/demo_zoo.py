@@ -338,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    if args.report_samples < 2:
+        p.error("--report-samples must be at least 2")
     return args
 
 

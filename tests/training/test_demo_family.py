@@ -416,6 +416,26 @@ def test_final_step_is_the_last_complete_checkpoint(tmp_path):
     assert final_step(tmp_path) == 1500
 
 
+def test_report_without_a_build_names_what_it_misses(tmp_path):
+    """The shipped folder alone is not enough: the report also reads the build's work folder (its
+    Toybooru and the base model, which does not ship), and says so before it loads anything."""
+    from training import demo_zoo
+    from training.demo_report import write_report
+
+    shipped = Path(__file__).resolve().parents[2] / "assets" / "demo-zoo"
+    with pytest.raises(ValueError, match="missing: .*toybooru/annotations.jsonl, .*runs/base/pipeline/model_index"
+                                         ".json. Build first") as e:
+        write_report(shipped, tmp_path / "work")
+    listed = str(e.value).split("missing: ")[1].split(". Build first")[0]
+    assert str(shipped) not in listed and len(listed.split(", ")) == 2  # the shipped folder itself is complete
+    with pytest.raises(ValueError, match="judge/accuracy.json, .*retrinet/model_index.json"):
+        write_report(tmp_path / "empty", tmp_path / "work")
+    with pytest.raises(ValueError, match="at least 2 pictures"):
+        write_report(shipped, tmp_path / "work", samples=1)
+    with pytest.raises(SystemExit):
+        demo_zoo.parse_args(["--report", "--report-samples", "1"])
+
+
 def test_stages_option_runs_the_named_stages_and_packages_when_asked(tmp_path, monkeypatch):
     from training import demo_zoo
 
