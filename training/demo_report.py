@@ -1,6 +1,7 @@
 """The demo family's report: does composition work, in numbers, on pictures it never saw.
 
     python -m training.demo_zoo --out assets/demo-zoo --report
+    python -m training.demo_report --work WORK --pipeline CANDIDATE [--vae DIR] [--retrieval-scale S]
 
 Everything is measured on the held-out ``test`` split of the build's Toybooru and judged by the
 attribute classifier (``pipelines.metrics.attributes``, trained on Toybooru's ground truth, not
@@ -26,6 +27,11 @@ words), so hair, eyes and outfit can only come from the references.
   denoising loss a sample's own references explain, against another sample's;
 - Semantica: one-shot FID, precision and recall against the test pictures of each character,
   beside a model that copies its conditioning picture.
+
+``python -m training.demo_report`` (``judge_candidate``) takes the report's RetriNet figures for a
+candidate instead (a checkpoint exported by ``training.export``, another decoder, another guidance
+or retrieval scale), with the same draws and noise, from the shipped judge and the build's Toybooru
+alone: a trial costs minutes, not the whole report.
 """
 
 from __future__ import annotations
@@ -83,11 +89,14 @@ def per_attribute(predictions, truths, keys) -> dict[str, float]:
     return {k: rate(predictions, truths, (k,)) for k in keys}
 
 
-def _batched(pipe, prompts, refs, seed: int, batch: int = 8) -> list[Image.Image]:
+def _batched(pipe, prompts, refs, seed: int, batch: int = 8, guidance_scale: float | None = None,
+             retrieval_scale: float = 1.0) -> list[Image.Image]:
     images: list[Image.Image] = []
     for s in range(0, len(prompts), batch):
-        images += pipe(prompts[s:s + batch], refs[s:s + batch], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                       height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed + s)).images
+        images += pipe(prompts[s:s + batch], refs[s:s + batch], num_inference_steps=STEPS,
+                       guidance_scale=GUIDANCE if guidance_scale is None else guidance_scale,
+                       retrieval_scale=retrieval_scale, height=SIZE, width=SIZE,
+                       generator=torch.Generator().manual_seed(seed + s)).images
     return images
 
 
@@ -121,9 +130,59 @@ def composition_set(root: Path, records, rng: random.Random, samples: int, domai
     return prompts, refs, truths
 
 
+def reconstruction_figures(pipe, judge, root: Path, test: list[dict], rng: random.Random, samples: int, seed: int,
+                           report_dir: Path | None = None, **sampling) -> dict[str, Any]:
+    """Reconstruction: 4 figure references from the target's own cluster; and its control, the same prompts and
+    noise with the previous target's references (what the judge then finds of each target's own character and
+    outfit owes nothing to its references: chance, or the model's habits)."""
+    clusters: dict[str, list[dict]] = defaultdict(list)
+    for r in test:
+        clusters[r["cluster"]].append(r)
+    targets = [r for r in test if len(clusters[r["cluster"]]) >= 5]
+    prompts, refs, truths = [], [], []
+    for r in rng.sample(targets, min(samples, len(targets))):
+        others = rng.sample([o for o in clusters[r["cluster"]] if o["id"] != r["id"]], 4)
+        refs.append([reference(root, o, "figure") for o in others])
+        prompts.append(neutral_prompt(r))
+        truths.append(r["truth"])
+    images = _batched(pipe, prompts, refs, seed, **sampling)
+    pred = judge.predict(images)
+    figures = {"reconstruction": {"pictures": len(images),
+                                  "character_and_outfit": rate(pred, truths, CHARACTER + OUTFIT),
+                                  "three_colours": rate(pred, truths, COLOURS),
+                                  **per_attribute(pred, truths, CHARACTER + OUTFIT)}}
+    if report_dir is not None:
+        grid([[x.image for x in rr] + [im] for rr, im in zip(refs[:8], images[:8])], report_dir / "reconstruction.png")
+    control = judge.predict(_batched(pipe, prompts, refs[-1:] + refs[:-1], seed, **sampling))
+    figures["reconstruction_control"] = per_attribute(control, truths, CHARACTER + OUTFIT)
+    return figures
+
+
+def composition_figures(pipe, judge, root: Path, records: list[dict], rng: random.Random, samples: int, seed: int,
+                        report_dir: Path | None = None, **sampling) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """Composition in and out of domain: the figures, and each domain's (prompts, references, images)."""
+    figures, sets = {}, {}
+    for domain in ("in", "out"):
+        prompts, refs, truths = composition_set(root, records, rng, samples, domain)
+        images = _batched(pipe, prompts, refs, seed, **sampling)
+        pred = judge.predict(images)
+        sets[domain] = (prompts, refs, images)
+        figures[f"composition_{domain}_domain"] = {
+            "pictures": len(images), "all_four": rate(pred, truths, CHARACTER + OUTFIT),
+            "three_colours": rate(pred, truths, COLOURS),
+            **per_attribute(pred, truths, CHARACTER + OUTFIT)}
+        if report_dir is not None:
+            grid([[x.image for x in rr] + [im] for rr, im in zip(refs[:8], images[:8])],
+                 report_dir / f"composition-{domain}.png")
+    return figures, sets
+
+
+VAE_PICTURES = 600  # test pictures of the VAE ceiling
+
+
 @torch.no_grad()
 def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: random.Random,
-                pictures: int = 600) -> dict[str, Any]:
+                pictures: int = VAE_PICTURES) -> dict[str, Any]:
     """The judge on real test pictures and on their VAE reconstructions: what the autoencoder alone
     lets any model of the family reach (a generator cannot draw what its VAE cannot decode)."""
     from pipelines.components import load_vae
@@ -299,6 +358,73 @@ def retrinet_pipeline(folder: Path):
     return pipe
 
 
+def judge_candidate(out: Path, work: Path, pipeline: Path | None = None, vae: Path | None = None, samples: int = 96,
+                    seed: int = 0, guidance_scale: float | None = None, retrieval_scale: float = 1.0) -> dict[str, Any]:
+    """The report's RetriNet figures (reconstruction with its control; composition in and out of domain) for
+    another RetriNet pipeline folder (a checkpoint exported by ``training.export``), another VAE (a decoder) or
+    another sampling setting: the same targets, references, prompts and noise as ``write_report``'s, so each figure
+    compares one for one with REPORT.md's. Reads the judge from ``out`` and Toybooru from ``work`` (not the base)."""
+    from pipelines.components import load_vae
+    from pipelines.metrics.attributes import AttributeClassifier
+
+    out, work = Path(out), Path(work)
+    if samples < 2:
+        raise ValueError(f"the report needs at least 2 pictures per figure, got {samples}")
+    pipeline = Path(pipeline) if pipeline else out / "retrinet"
+    needed = [out / "judge" / "config.json", work / "toybooru" / "annotations.jsonl", pipeline / "model_index.json",
+              *([Path(vae) / "config.json"] if vae else [])]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise ValueError(f"missing: {', '.join(missing)}")
+    if retrieval_scale < 0 or (guidance_scale is not None and guidance_scale < 0):
+        raise ValueError("the retrieval and guidance scales must not be negative")
+    root = work / "toybooru"
+    records, _ = read_annotations(root)
+    test = [r for r in records if r["split"] == "test"]
+    rng = random.Random(f"demo-report/{seed}")
+    # write_report's draws before RetriNet's: the VAE ceiling's pictures, then the base's prompts
+    rng.sample(test, min(VAE_PICTURES, len(test)))
+    rng.sample(test, samples)
+    judge = AttributeClassifier.from_pretrained(out / "judge").eval()
+    pipe = retrinet_pipeline(pipeline)
+    if vae:
+        pipe.vae = load_vae(vae).eval()
+    sampling = {"guidance_scale": guidance_scale, "retrieval_scale": retrieval_scale}
+    figures = reconstruction_figures(pipe, judge, root, test, rng, samples, seed, **sampling)
+    figures.update(composition_figures(pipe, judge, root, records, rng, samples, seed, **sampling)[0])
+    figures["sampling"] = {"steps": STEPS, "guidance_scale": GUIDANCE if guidance_scale is None else guidance_scale,
+                           "retrieval_scale": retrieval_scale, "pipeline": str(pipeline), "vae": str(vae or "")}
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.demo_report", description=judge_candidate.__doc__.split(
+        "\n\n")[0].replace("\n    ", " "))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "demo-zoo"),
+                   help="the shipped folder (its judge)")
+    p.add_argument("--work", required=True, help="the build's work folder (its toybooru/)")
+    p.add_argument("--pipeline", default=None, help="a RetriNetPipeline folder (default: the shipped one)")
+    p.add_argument("--vae", default=None, help="a VAE folder to decode with instead of the pipeline's")
+    p.add_argument("--guidance-scale", type=float, default=None, help=f"default: the report's, {GUIDANCE}")
+    p.add_argument("--retrieval-scale", type=float, default=1.0)
+    p.add_argument("--samples", type=int, default=96, help="pictures per figure (the report's: 96)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the figures here too")
+    args = p.parse_args(argv)
+    try:
+        figures = judge_candidate(args.out, args.work, args.pipeline, args.vae, args.samples, args.seed,
+                                  args.guidance_scale, args.retrieval_scale)
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
+    text = json.dumps(figures, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return figures
+
+
 def missing_inputs(out: Path, work: Path) -> list[str]:
     """What the report reads and cannot find: the shipped models in ``out`` and, in the build's
     ``work`` folder, its Toybooru and the base text-to-image model (which does not ship)."""
@@ -358,43 +484,11 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     logger.info("base: %s", figures["base"])
 
     pipe = retrinet_pipeline(out / "retrinet")
-    # reconstruction: 4 figure references from the target's own cluster
-    clusters: dict[str, list[dict]] = defaultdict(list)
-    for r in test:
-        clusters[r["cluster"]].append(r)
-    targets = [r for r in test if len(clusters[r["cluster"]]) >= 5]
-    prompts, refs, truths = [], [], []
-    for r in rng.sample(targets, min(samples, len(targets))):
-        others = rng.sample([o for o in clusters[r["cluster"]] if o["id"] != r["id"]], 4)
-        refs.append([reference(root, o, "figure") for o in others])
-        prompts.append(neutral_prompt(r))
-        truths.append(r["truth"])
-    images = _batched(pipe, prompts, refs, seed)
-    pred = judge.predict(images)
-    figures["reconstruction"] = {"pictures": len(images), "character_and_outfit": rate(pred, truths, CHARACTER + OUTFIT),
-                                 "three_colours": rate(pred, truths, COLOURS),
-                                 **per_attribute(pred, truths, CHARACTER + OUTFIT)}
-    grid([[x.image for x in rr] + [im] for rr, im in zip(refs[:8], images[:8])], report_dir / "reconstruction.png")
-    # the control: the same prompts and noise with the previous target's references; what the judge then finds of
-    # each target's own character and outfit owes nothing to its references (chance, or the model's habits)
-    control = judge.predict(_batched(pipe, prompts, refs[-1:] + refs[:-1], seed))
-    figures["reconstruction_control"] = per_attribute(control, truths, CHARACTER + OUTFIT)
+    figures.update(reconstruction_figures(pipe, judge, root, test, rng, samples, seed, report_dir))
     logger.info("reconstruction: %s", figures["reconstruction"])
-
-    # composition, in and out of domain
-    comp_sets = {}
-    for domain in ("in", "out"):
-        prompts, refs, truths = composition_set(root, records, rng, samples, domain)
-        images = _batched(pipe, prompts, refs, seed)
-        pred = judge.predict(images)
-        comp_sets[domain] = (prompts, refs, images)
-        figures[f"composition_{domain}_domain"] = {
-            "pictures": len(images), "all_four": rate(pred, truths, CHARACTER + OUTFIT),
-            "three_colours": rate(pred, truths, COLOURS),
-            **per_attribute(pred, truths, CHARACTER + OUTFIT)}
-        grid([[x.image for x in rr] + [im] for rr, im in zip(refs[:8], images[:8])],
-             report_dir / f"composition-{domain}.png")
-        logger.info("composition %s: %s", domain, figures[f"composition_{domain}_domain"])
+    composition, comp_sets = composition_figures(pipe, judge, root, records, rng, samples, seed, report_dir)
+    figures.update(composition)
+    logger.info("composition: %s", composition)
 
     # settings a and b, same budget: CLIP-I, CLIP-T, DF-L2 and SWD on the in-domain composition set
     from pipelines.concepts import ConceptExtractor
@@ -585,3 +679,7 @@ def render(f: dict[str, Any]) -> str:
                   "```", ""]
     lines += [f"Report written in {f['seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

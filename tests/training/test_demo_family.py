@@ -590,6 +590,19 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
 
+    # a candidate judged alone draws the report's sets and noise: the shipped pipeline scores the report's figures
+    keys = ("reconstruction", "reconstruction_control", "composition_in_domain", "composition_out_domain")
+    alone = demo_report.judge_candidate(out, work, samples=4, seed=0)
+    assert {k: alone[k] for k in keys} == {k: figures[k] for k in keys}
+    assert alone["sampling"]["retrieval_scale"] == 1.0 and alone["sampling"]["guidance_scale"] == demo_report.GUIDANCE
+    off = demo_report.main(["--out", str(out), "--work", str(work), "--samples", "4", "--retrieval-scale", "0",
+                            "--json", str(tmp_path / "off.json")])
+    assert json.loads((tmp_path / "off.json").read_text()) == off and off["sampling"]["retrieval_scale"] == 0
+    with pytest.raises(SystemExit):
+        demo_report.main(["--out", str(out), "--work", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="must not be negative"):
+        demo_report.judge_candidate(out, work, samples=4, retrieval_scale=-1)
+
     # an unfinished -a run: the report compares both settings at their last common checkpoint
     import torch
 
