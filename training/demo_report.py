@@ -89,12 +89,12 @@ def per_attribute(predictions, truths, keys) -> dict[str, float]:
     return {k: rate(predictions, truths, (k,)) for k in keys}
 
 
-def _batched(pipe, prompts, refs, seed: int, batch: int = 8, guidance_scale: float | None = None,
+def _batched(pipe, prompts, refs, seed: int, batch: int = 8, guidance_scale: float = GUIDANCE,
              retrieval_scale: float = 1.0) -> list[Image.Image]:
     images: list[Image.Image] = []
     for s in range(0, len(prompts), batch):
         images += pipe(prompts[s:s + batch], refs[s:s + batch], num_inference_steps=STEPS,
-                       guidance_scale=GUIDANCE if guidance_scale is None else guidance_scale,
+                       guidance_scale=guidance_scale,
                        retrieval_scale=retrieval_scale, height=SIZE, width=SIZE,
                        generator=torch.Generator().manual_seed(seed + s)).images
     return images
@@ -389,11 +389,11 @@ def judge_candidate(out: Path, work: Path, pipeline: Path | None = None, vae: Pa
     pipe = retrinet_pipeline(pipeline)
     if vae:
         pipe.vae = load_vae(vae).eval()
-    sampling = {"guidance_scale": guidance_scale, "retrieval_scale": retrieval_scale}
+    sampling = {"guidance_scale": GUIDANCE if guidance_scale is None else guidance_scale,
+                "retrieval_scale": retrieval_scale}
     figures = reconstruction_figures(pipe, judge, root, test, rng, samples, seed, **sampling)
     figures.update(composition_figures(pipe, judge, root, records, rng, samples, seed, **sampling)[0])
-    figures["sampling"] = {"steps": STEPS, "guidance_scale": GUIDANCE if guidance_scale is None else guidance_scale,
-                           "retrieval_scale": retrieval_scale, "pipeline": str(pipeline), "vae": str(vae or "")}
+    figures["sampling"] = {"steps": STEPS, **sampling, "pipeline": str(pipeline), "vae": str(vae or "")}
     return figures
 
 
