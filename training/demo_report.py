@@ -425,13 +425,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return figures
 
 
+def base_folder(out: Path, work: Path) -> Path:
+    """The base text-to-image pipeline: the shipped ``out/base`` (demo family v7 on), else the build's run."""
+    shipped = out / "base"
+    return shipped if (shipped / "model_index.json").is_file() else work / "runs" / "base" / "pipeline"
+
+
 def missing_inputs(out: Path, work: Path) -> list[str]:
-    """What the report reads and cannot find: the shipped models in ``out`` and, in the build's
-    ``work`` folder, its Toybooru and the base text-to-image model (which does not ship)."""
+    """What the report reads and cannot find: the shipped models in ``out`` (the base among them, or the
+    build's run of it in ``work``) and the build's Toybooru in ``work``."""
     needed = [out / "judge" / "accuracy.json", out / "judge" / "config.json", out / "retrinet" / "model_index.json",
-              out / "clip" / "config.json", out / "detector", work / "toybooru" / "annotations.jsonl",
-              work / "runs" / "base" / "pipeline" / "model_index.json"]
-    return [str(p) for p in needed if not p.exists()]
+              out / "clip" / "config.json", out / "detector", work / "toybooru" / "annotations.jsonl"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if not (base_folder(out, work) / "model_index.json").is_file():
+        missing.append(f"the base model ({out / 'base' / 'model_index.json'} or "
+                       f"{work / 'runs' / 'base' / 'pipeline' / 'model_index.json'})")
+    return missing
 
 
 def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dict[str, Any]:
@@ -465,9 +474,9 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     figures["clip_probe"] = clip_probe(clip, root, records, test, random.Random(f"demo-report/{seed}/clip-probe"))
     logger.info("CLIP colour probe: %s", figures["clip_probe"])
 
-    # base model: full tag prompts of test pictures
-    # the shipped VAE (its decoder trained on after the base; the same encoder and latents)
-    base = StableDiffusionPipeline.from_pretrained(work / "runs" / "base" / "pipeline", safety_checker=None,
+    # base model: full tag prompts of test pictures, decoded by the shipped VAE (up to v6 a decoder trained on
+    # after the base, with the same encoder and latents; from v7 on the base's own)
+    base = StableDiffusionPipeline.from_pretrained(base_folder(out, work), safety_checker=None,
                                                    vae=load_vae(out / "retrinet" / "vae"))
     base.set_progress_bar_config(disable=True)
     chosen = rng.sample(test, samples)

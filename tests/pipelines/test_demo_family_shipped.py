@@ -24,8 +24,10 @@ def test_manifest_lists_every_shipped_file_with_its_checksum():
     for name, info in manifest["files"].items():
         data = (DEMO_ZOO / name).read_bytes()
         assert len(data) == info["bytes"] and hashlib.sha256(data).hexdigest() == info["sha256"], name
+    for folder in ("base", "clip", "retrinet", "semantica", "judge", "detector"):
+        assert any(name.startswith(folder + "/") for name in manifest["files"]), folder
     stages = manifest["stages"]
-    for stage in ("data", "vae", "clip", "base", "retrinet", "semantica", "judge"):
+    for stage in ("data", "vae", "clip", "base", "base-zsnr", "retrinet", "semantica", "judge"):
         assert stage in stages and stages[stage]["command"][:2] == ["python", "-m"], stage
     for stage in ("vae", "clip", "base", "retrinet", "semantica", "judge"):
         assert stages[stage]["steps"] > 0 and stages[stage]["final_loss"] > 0, stage
@@ -65,6 +67,18 @@ def test_composes_from_references(zoo, toybooru, toybooru_records):
     out = pipe("1girl, solo, standing, outdoors", refs, num_inference_steps=4, guidance_scale=5.0,
                num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (2, 64, 64, 3) and 0 <= out.min() and out.max() <= 1 and out.std() > 0.01
+
+
+def test_base_draws_from_a_prompt():
+    """The demo's "Stable Diffusion" (the base RetriNet's twin was trained beside) ships as a plain diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO_ZOO / "base", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["1girl, solo, blue hair, red dress"] * 2, num_inference_steps=4, guidance_scale=5.0, height=64,
+               width=64, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, 64, 64, 3) and 0 <= out.min() and out.max() <= 1 and out.std() > 0.01
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
 
 
 def test_makes_variations(zoo, toybooru, toybooru_records):

@@ -253,7 +253,6 @@ def test_vae_new_decoder_is_an_asymmetric_vae_on_the_frozen_encoder(family, toyb
 
     from pipelines.components import load_vae
     from training import train_vae
-    from training.demo_zoo import shipped_vae
 
     first = family["root"] / "vae" / "vae"
     args = ["--data", str(toybooru), "--pretrained-vae", str(first), "--decoder-only", "--decoder-channels", "24,48",
@@ -278,10 +277,7 @@ def test_vae_new_decoder_is_an_asymmetric_vae_on_the_frozen_encoder(family, toyb
     train_vae.VAELoss(after, 0.0, decoder_only=True)  # what trains: the decoder but its unused inpainting branch
     frozen = ("encoder.", "quant_conv.", "decoder.condition_encoder.")
     assert all(p.requires_grad != n.startswith(frozen) for n, p in after.named_parameters())
-    # the build ships it in the base's VAE's place, and a pipeline samples with it
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "dec").rename(tmp_path / "runs" / "vae-decoder")
-    assert isinstance(shipped_vae(tmp_path, before), AsymmetricAutoencoderKL)
+    # a pipeline samples with it in the base's VAE's place
     pipe = StableDiffusionPipeline.from_pretrained(family["root"] / "base" / "pipeline", safety_checker=None,
                                                    vae=after)
     pipe.set_progress_bar_config(disable=True)
@@ -404,6 +400,46 @@ def test_setting_a_runs_the_start_of_the_schedule_of_b_and_b_keeps_that_checkpoi
     assert a.max_train_steps % b.checkpointing_steps == 0 and b.checkpoints_total_limit is None
 
 
+def test_restore_takes_shipped_models_trained_by_the_plans_command_and_unchanged(tmp_path):
+    """A build on a new machine keeps the shipped CLIP and judge (they learn from Toybooru alone) instead of
+    training them again, but only those its manifest recorded with the plan's command line and checksums."""
+    from training.demo_zoo import plan, restore, write_manifest
+
+    old_work, work, out = tmp_path / "old", tmp_path / "work", tmp_path / "out"
+    (out / "clip").mkdir(parents=True)
+    (out / "clip" / "model.safetensors").write_bytes(b"clip weights")
+    (out / "judge").mkdir()
+    (out / "judge" / "config.json").write_text("{}")
+    (out / "judge" / "accuracy.json").write_text('{"accuracy": {}}')
+    assert restore(plan(work, out), work, out) == {}  # no manifest: nothing is known of them
+    old = plan(old_work, out)
+    records = {name: {"command": old[name].command, "steps": 7, "final_loss": 0.5} for name in ("clip", "judge")}
+    write_manifest(out, records, seed=0)
+
+    stages = plan(work, out)
+    assert not stages["clip"].done() and not stages["judge"].done()
+    restored = restore(stages, work, out)
+    assert set(restored) == {"clip", "judge"} and stages["clip"].done() and stages["judge"].done()
+    assert (work / "runs" / "clip" / "clip" / "model.safetensors").read_bytes() == b"clip weights"
+    assert sorted(p.name for p in (work / "runs" / "judge").iterdir()) == ["accuracy.json", "judge"]
+    assert not (work / "runs" / "judge" / "judge" / "accuracy.json").exists()  # beside the product, as trained
+    assert restored["clip"]["command"] == stages["clip"].command  # the build keeps the record under its command
+    assert restored["clip"]["trained_command"] == old["clip"].command and restored["clip"]["steps"] == 7
+    assert restored["judge"]["restored_from"] == str(out / "judge")
+    assert restore(stages, work, out) == {}  # already there
+
+    # a changed file, or a model trained by another command line, is trained again
+    work2 = tmp_path / "work2"
+    (out / "clip" / "model.safetensors").write_bytes(b"other weights")
+    other = plan(old_work, out)["judge"].command
+    other[other.index("--max-train-steps") + 1] = "99"
+    write_manifest(out, {**records, "judge": {**records["judge"], "command": other}}, seed=0)
+    (out / "clip" / "model.safetensors").write_bytes(b"tampered")
+    assert restore(plan(work2, out), work2, out) == {} and not (work2 / "runs").exists()
+    (out / "manifest.json").write_text("{not json")
+    assert restore(plan(work2, out), work2, out) == {}
+
+
 def test_final_step_is_the_last_complete_checkpoint(tmp_path):
     from training.checkpoints import STATE_FILE
     from training.demo_report import final_step
@@ -417,18 +453,19 @@ def test_final_step_is_the_last_complete_checkpoint(tmp_path):
 
 
 def test_report_without_a_build_names_what_it_misses(tmp_path):
-    """The shipped folder alone is not enough: the report also reads the build's work folder (its
-    Toybooru and the base model, which does not ship), and says so before it loads anything."""
+    """The shipped folder alone is not enough: the report also reads the build's Toybooru (drawn again from
+    the data seed in seconds), and says so before it loads anything; the base ships (demo family v7 on)."""
     from training import demo_zoo
-    from training.demo_report import write_report
+    from training.demo_report import base_folder, write_report
 
     shipped = Path(__file__).resolve().parents[2] / "assets" / "demo-zoo"
-    with pytest.raises(ValueError, match="missing: .*toybooru/annotations.jsonl, .*runs/base/pipeline/model_index"
-                                         ".json. Build first") as e:
+    with pytest.raises(ValueError, match="missing: .*toybooru/annotations.jsonl. Build first") as e:
         write_report(shipped, tmp_path / "work")
     listed = str(e.value).split("missing: ")[1].split(". Build first")[0]
-    assert str(shipped) not in listed and len(listed.split(", ")) == 2  # the shipped folder itself is complete
-    with pytest.raises(ValueError, match="judge/accuracy.json, .*retrinet/model_index.json"):
+    assert str(shipped) not in listed and len(listed.split(", ")) == 1  # the shipped folder itself is complete
+    assert base_folder(shipped, tmp_path / "work") == shipped / "base"
+    with pytest.raises(ValueError, match="judge/accuracy.json, .*retrinet/model_index.json.*the base model "
+                                         r"\(.*empty/base/model_index.json or .*runs/base/pipeline/model_index.json\)"):
         write_report(tmp_path / "empty", tmp_path / "work")
     with pytest.raises(ValueError, match="at least 2 pictures"):
         write_report(shipped, tmp_path / "work", samples=1)
@@ -553,7 +590,13 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     out.mkdir()
     shutil.copytree(Path(__file__).resolve().parents[2] / "assets" / "demo-zoo" / "detector", out / "detector")
     package(work, out)
-    assert {p.name for p in out.iterdir()} >= {"clip", "retrinet", "semantica", "judge", "detector"}
+    assert {p.name for p in out.iterdir()} >= {"base", "clip", "retrinet", "semantica", "judge", "detector"}
+    from diffusers import StableDiffusionPipeline  # the base ships whole: the report reads it from there
+
+    assert demo_report.base_folder(out, work) == out / "base"
+    shipped_base = StableDiffusionPipeline.from_pretrained(out / "base", safety_checker=None)
+    assert torch.equal(shipped_base.unet.conv_in.weight, StableDiffusionPipeline.from_pretrained(
+        runs / "base" / "pipeline", safety_checker=None).unet.conv_in.weight)
     shipped = json.loads((out / "retrinet" / "scheduler" / "scheduler_config.json").read_text())
     assert shipped["prediction_type"] == "v_prediction" and shipped["rescale_betas_zero_snr"]  # RetriNet's base's
     manifest = write_manifest(out, {"vae": {"command": ["python", "-m", "training.train_vae"]}}, seed=0)
@@ -604,8 +647,6 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
         demo_report.judge_candidate(out, work, samples=4, retrieval_scale=-1)
 
     # an unfinished -a run: the report compares both settings at their last common checkpoint
-    import torch
-
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
     final_a = RetriNetModel.from_pretrained(runs / "retrinet-a" / "retrinet").state_dict()
     shutil.rmtree(runs / "retrinet-a" / "retrinet")

@@ -152,18 +152,3 @@ def test_retrinet_objective_with_the_cache_equals_the_vae(tiny_sd, toybooru, set
     assert cached.cache_references == (setting == "b")
     assert len(cached.cache) == len(targets) + (len(references) if setting == "b" else 0)
 
-
-def test_the_shipped_vae_takes_the_decoder_stage_only_with_the_same_latent_scale(tmp_path):
-    from training.demo_zoo import plan, shipped_vae
-
-    base = AutoencoderKL(**TINY_VAE, scaling_factor=0.5)
-    assert shipped_vae(tmp_path, base) is base  # no decoder stage ran
-    folder = tmp_path / "runs" / "vae-decoder" / "vae"
-    AutoencoderKL(**TINY_VAE, scaling_factor=0.5).save_pretrained(folder)
-    tuned = shipped_vae(tmp_path, base)
-    assert tuned is not base and tuned.config.scaling_factor == 0.5
-    AutoencoderKL(**TINY_VAE, scaling_factor=0.7).save_pretrained(folder)
-    with pytest.raises(ValueError, match="another latent scale"):
-        shipped_vae(tmp_path, base)
-    stage = plan(tmp_path, tmp_path / "out")["vae-decoder"]
-    assert stage.needs == ("vae",) and "--decoder-only" in stage.args
