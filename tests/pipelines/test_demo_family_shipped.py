@@ -70,7 +70,7 @@ def test_composes_from_references(zoo, toybooru, toybooru_records):
 
 
 def test_base_draws_from_a_prompt():
-    """The demo's "Stable Diffusion" (the base RetriNet's twin was trained beside) ships as a plain diffusers folder."""
+    """The demo's "Stable Diffusion" ships as a plain diffusers folder and draws from a prompt."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(DEMO_ZOO / "base", safety_checker=None)
