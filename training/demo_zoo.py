@@ -268,8 +268,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# what restore() may take from the shipped folder instead of training it again: stage -> (shipped folder, its
-# product in the stage's run folder, files beside the product that ship with it)
+# stages whose product ships as it is, so that restore() may take it back from the shipped folder instead of training
+# it again: stage -> (shipped folder, its product in the stage's run folder, files beside the product that ship in
+# that folder too); package() ships them by the same table
 RESTORABLE = {"clip": ("clip", "clip", ()), "judge": ("judge", "judge", ("accuracy.json",))}
 
 
@@ -329,9 +330,10 @@ def package(work: Path, out: Path) -> None:
 
     runs = work / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    copy_folder(runs / "clip" / "clip", out / "clip")
-    copy_folder(runs / "judge" / "judge", out / "judge")
-    shutil.copy(runs / "judge" / "accuracy.json", out / "judge" / "accuracy.json")
+    for name, (shipped, product, extras) in RESTORABLE.items():
+        copy_folder(runs / name / product, out / shipped)
+        for extra in extras:
+            shutil.copy(runs / name / extra, out / shipped / extra)
     # the demo's "Stable Diffusion" ships too (StableDiffusionPipeline.from_pretrained loads it), so the report's
     # base figure can be measured again from the shipped folder alone, on any machine
     copy_folder(runs / "base" / "pipeline", out / "base")
