@@ -17,7 +17,8 @@ checkpoints, and skipped when its output is already complete):
     judge      attribute classifier for the report    training.train_judge
     detector   YOLO11n-seg concept detector           training.train_detector (on 128 px pictures)
 
-Independent stages run side by side (``--jobs``, each with its share of the CPU threads).
+Independent stages run side by side (``--jobs``, each with its share of the CPU threads), the longest chains
+of stages first (each stage's ``minutes``, measured on one thread of a 2-core machine).
 Work files (data, checkpoints, logs) live in ``--work``; ``--out`` receives only what ships:
 ``base/`` (a ``StableDiffusionPipeline`` folder), ``clip/``, ``retrinet/`` (a ``RetriNetPipeline``
 folder), ``semantica/``, ``judge/``, ``detector/`` and ``manifest.json`` (data seed, command lines,
@@ -65,6 +66,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     run_dir: Path | None = None  # where metrics.jsonl is
     threads: int | None = None  # None: the share --jobs gives
+    minutes: float = 1.0  # about how long it runs on one CPU thread: what the build's scheduler orders by
     result: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,7 +117,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
     stages = [
         Stage("data", "training.data.toybooru",
               ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64", "--scene", "demo"],
-              lambda: (data / "annotations.jsonl").is_file()),
+              lambda: (data / "annotations.jsonl").is_file(), minutes=0.25),
         # batch 8 and a colour loss of 30 (session 13): the judge reads hair and outfit colour on 80.7 % of the test
         # pictures' reconstructions, against 38.5 % for v6's VAE (batch 32, colour loss 1, 1500 steps, and a second
         # stage training its decoder alone), in a quarter of the time; a decoder trained on alone afterwards did not
@@ -123,14 +125,14 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         Stage("vae", "training.train_vae", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                             "--face-loss-weight", "1.0", "--color-loss-weight", "30",
                                             *common("vae", 3000, 8, 1e-3, every=100)],
-              ran("vae", "vae"), ("data",), runs / "vae"),
+              ran("vae", "vae"), ("data",), runs / "vae", minutes=12.5),
         # 2000 steps: after 400 the CLIP told a picture's caption from the same caption with another hair colour
         # only 21 % of the time (another outfit colour: 68 %), and the base, which reads its frozen text tower,
         # cannot follow what the tower does not tell apart; about 95 % and 97 % after 2000, and the base trained on it
         # gets hair and outfit colour right in 27 % of the report's test prompts (4 % on the 400-step CLIP)
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 2000, 128, 5e-4, every=250)],
-              ran("clip", "clip"), ("data",), runs / "clip"),
+              ran("clip", "clip"), ("data",), runs / "clip", minutes=30),
         # the shipped text-to-image model (base/) and the report's base figure are the epsilon one: the twin follows
         # its prompt's hair and outfit colours in 14.6 % of the report's 96 test prompts against 27.1 % (21.9 %
         # against 19.8 % at guidance 3); RetriNet starts from the twin (see RETRINET_STEPS), so the twin comes first
@@ -138,30 +140,31 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         Stage("base-zsnr", "training.train_text_to_image",
               [*text_to_image, "--prediction-type", "v_prediction", "--zero-terminal-snr", "--timestep-weighting",
                "uniform", *common("base-zsnr", 1500, 64, 1e-3, every=100)],
-              ran("base-zsnr", "pipeline"), ("vae", "clip"), runs / "base-zsnr"),
+              ran("base-zsnr", "pipeline"), ("vae", "clip"), runs / "base-zsnr", minutes=17.5),
         Stage("base", "training.train_text_to_image",
               [*text_to_image, *common("base", 1500, 64, 1e-3, every=100)],
-              ran("base", "pipeline"), ("vae", "clip"), runs / "base"),
+              ran("base", "pipeline"), ("vae", "clip"), runs / "base", minutes=17.5),
         Stage("retrinet", "training.train_retrinet",
               [*retrinet, "--setting", "b", *common("retrinet", RETRINET_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet"),
+              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet", minutes=65),
         Stage("retrinet-a", "training.train_retrinet",
               [*retrinet, "--setting", "a", *common("retrinet-a", RETRINET_A_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a"),
+              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a", minutes=24),
         Stage("semantica", "training.train_semantica",
               ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(data),
                "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
-              ran("semantica", "semantica"), ("base",), runs / "semantica"),
+              ran("semantica", "semantica"), ("base",), runs / "semantica", minutes=3),
         Stage("judge", "training.train_judge", ["--data", str(data), "--width", "24", "--lr-warmup-steps", "20",
                                                 *common("judge", 2000, 64, 3e-3, every=100)],
-              ran("judge", "judge"), ("data",), runs / "judge"),
+              ran("judge", "judge"), ("data",), runs / "judge", minutes=21),
         Stage("data-det", "training.data.toybooru",
               ["--out", str(data_det), "--num-images", "2400", "--seed", str(seed), "--size", "128"],
-              lambda: (data_det / "annotations.jsonl").is_file() or (out / "detector" / "model.safetensors").is_file()),
+              lambda: (data_det / "annotations.jsonl").is_file() or (out / "detector" / "model.safetensors").is_file(),
+              minutes=0.2),
         Stage("detector", "training.train_detector",
               ["--data", str(data_det), "--out", str(runs / "detector"), "--epochs", "30", "--imgsz", "160"],
               lambda: (out / "detector" / "model.safetensors").is_file() or (runs / "detector" / "export").is_dir(),
-              ("data-det",)),
+              ("data-det",), minutes=43),
     ]
     return {s.name: s for s in stages}
 
@@ -178,12 +181,46 @@ def summarize(stage: Stage) -> dict[str, Any]:
             "train_seconds": round(sum(m["seconds"] for m in metrics), 1)}
 
 
+def chain_minutes(stages: dict[str, Stage]) -> dict[str, float]:
+    """Each stage's ``minutes`` plus those of the longest chain of stages that need it: how long the build runs
+    after the stage starts, however many CPUs. The scheduler starts the longest chains first."""
+    chains: dict[str, float] = {}
+
+    def chain(name: str, seen: tuple[str, ...] = ()) -> float:
+        if name in seen:
+            raise ValueError(f"stages need each other in a cycle: {' -> '.join((*seen, name))}")
+        if name not in chains:
+            after = [chain(s.name, (*seen, name)) for s in stages.values() if name in s.needs]
+            chains[name] = stages[name].minutes + max(after, default=0.0)
+        return chains[name]
+
+    for name in stages:
+        chain(name)
+    return chains
+
+
+def _takes_a_slot_it_needs(stage: Stage, pending: list[Stage], running: set[str], finished: set[str],
+                           chains: dict[str, float], free: int) -> bool:
+    """Whether starting ``stage`` now would keep a longer chain waiting: the stages ahead of it, each about to be
+    ready (waiting only for running stages), would find fewer slots than there are of them, counting the slots
+    the stages they wait for give back."""
+    ahead = [s for s in pending if chains[s.name] > chains[stage.name] and s.needs
+             and all(n in finished or n in running for n in s.needs)
+             and not all(n in finished for n in s.needs)]
+    given_back = {n for s in ahead for n in s.needs if n in running}
+    return bool(ahead) and free - 1 + len(given_back) < len(ahead)
+
+
 def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] | None = None) -> dict[str, Any]:
-    """Run what is not done yet, ``jobs`` at a time, in dependency order; return each stage's record."""
+    """Run what is not done yet, ``jobs`` at a time, in dependency order, the longest chains (``chain_minutes``)
+    first; return each stage's record. A ready stage waits rather than take the slot a longer chain is about to
+    need."""
     records_path = work / "stages.json"
     records: dict[str, Any] = json.loads(records_path.read_text()) if records_path.is_file() else {}
     wanted = set(stages) if only is None else set(only)
-    pending = [s for s in stages.values() if s.name in wanted]
+    chains = chain_minutes(stages)
+    # the longest chains first; sorted() is stable, so the plan's order among equals
+    pending = sorted((s for s in stages.values() if s.name in wanted), key=lambda s: -chains[s.name])
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     finished = {s.name for s in stages.values() if s.name not in wanted and s.done()}
     cpus = os.cpu_count() or 1
@@ -208,7 +245,8 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                 pending.remove(stage)
                 finished.add(stage.name)
                 continue
-            if len(running) < jobs and all(n in finished for n in stage.needs):
+            if len(running) < jobs and all(n in finished for n in stage.needs) and not _takes_a_slot_it_needs(
+                    stage, pending, set(running), finished, chains, jobs - len(running)):
                 ready = sum(all(n in finished for n in s.needs) for s in pending)
                 # the CPU threads are shared by what runs now and what could start with it
                 threads = max(1, cpus // max(1, min(jobs, len(running) + ready)))

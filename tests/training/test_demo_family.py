@@ -540,6 +540,50 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
         run_stages({"x": stage("x", ("missing",))}, work, jobs=1)
 
 
+def test_longest_chains_start_first_and_a_short_one_keeps_no_slot_they_are_about_to_need(tmp_path, monkeypatch):
+    from training.demo_zoo import Stage, chain_minutes, plan, run_stages
+
+    work, made, lib = tmp_path / "work", tmp_path / "made", tmp_path / "lib"
+    for d in (work, made, lib):
+        d.mkdir()
+    # a stand-in for a training script: logs its start, sleeps, logs its end, writes its output
+    (lib / "timed_stage.py").write_text(
+        "import pathlib, sys, time\n"
+        "name, seconds, log, out = sys.argv[1], float(sys.argv[2]), pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4])\n"
+        "with open(log, 'a') as f: f.write('start ' + name + '\\n')\n"
+        "time.sleep(seconds)\n"
+        "with open(log, 'a') as f: f.write('end ' + name + '\\n')\n"
+        "out.write_text('x')\n")
+    monkeypatch.setenv("PYTHONPATH", str(lib))
+    log = tmp_path / "order.txt"
+
+    def stage(name, seconds, minutes, needs=()):
+        return Stage(name, "timed_stage", [name, str(seconds), str(log), str(made / name)], (made / name).exists,
+                     needs, minutes=minutes)
+
+    # the demo family's shape: the detector's data are ready at once and its training is long, but the CLIP (then
+    # the base and RetriNet) is the longest chain, and it waits for the main data
+    stages = {s.name: s for s in [
+        stage("data-det", 0, 0.2), stage("detector", 0, 43, ("data-det",)), stage("data", 3, 0.25),
+        stage("vae", 0, 12, ("data",)), stage("clip", 1, 30, ("data",)), stage("base", 0, 40, ("vae", "clip"))]}
+    chains = chain_minutes(stages)
+    assert chains["clip"] == 70 and chains["vae"] == 52 and chains["data"] == 70.25 and chains["data-det"] == 43.2
+    run_stages(stages, work, jobs=2)
+    events = log.read_text().split("\n")
+    # in the plan's order with no look-ahead, the detector would have started beside the data and kept the CLIP
+    # waiting; here it waits for the data, so the CLIP and the VAE start first
+    assert events.index("start data-det") > events.index("start clip") > events.index("end data")
+    assert events.index("start data-det") > events.index("start vae")
+    assert sorted(e for e in events if e.startswith("end")) == sorted(f"end {n}" for n in stages)
+    assert events.index("start base") > max(events.index("end vae"), events.index("end clip"))
+    with pytest.raises(ValueError, match="cycle"):
+        chain_minutes({"a": stage("a", 0, 1, ("b",)), "b": stage("b", 0, 1, ("a",))})
+    # the real plan: the chain through the CLIP, its zero-terminal-SNR base and RetriNet is the longest
+    real = chain_minutes(plan(tmp_path / "w", tmp_path / "o"))
+    assert max(real, key=real.get) == "data"
+    assert real["clip"] > real["vae"] > real["data-det"] > real["judge"]
+
+
 def test_resume_ignores_unstable_private_config_keys():
     from training.core import _comparable
 
