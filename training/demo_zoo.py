@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -236,64 +237,72 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
         write_text(records_path, json.dumps(merged, indent=1))
         records.update(merged)
 
-    while pending or running:
-        for stage in list(pending):
-            if stage.done():
-                logger.info("%s: already complete, skipped", stage.name)
-                kept = records.get(stage.name, {})  # what an earlier run of the same command measured
-                records[stage.name] = {**(kept if kept.get("command") == stage.command else {}),
-                                       "command": stage.command, **summarize(stage)}
-                touched.add(stage.name)
-                pending.remove(stage)
-                finished.add(stage.name)
-                continue
-            if len(running) < jobs and all(n in finished for n in stage.needs) and not _takes_a_slot_it_needs(
-                    stage, pending, set(running), finished, chains, jobs - len(running)):
-                ready = sum(all(n in finished for n in s.needs) for s in pending)
-                # the CPU threads are shared by what runs now and what could start with it
-                threads = max(1, cpus // max(1, min(jobs, len(running) + ready)))
-                # idle OpenMP threads sleep: spinning ones take the core a stage beside them needs
-                env = dict(os.environ, OMP_NUM_THREADS=str(stage.threads or threads),
-                           MKL_NUM_THREADS=str(stage.threads or threads),
-                           OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-                           PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
-                log = open(work / "logs" / f"{stage.name}.log", "a")
-                logger.info("%s: %s", stage.name, " ".join(stage.command))
-                proc = subprocess.Popen([sys.executable, "-m", stage.module, *stage.args], cwd=ROOT, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
-                running[stage.name] = (proc, time.perf_counter(), log)
-                pending.remove(stage)
-        for name, (proc, t0, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
+    def stop_running() -> None:
+        """Stop the stages still running (their checkpoints let a rerun resume them), without waiting long."""
+        for proc, _, _ in running.values():
+            proc.terminate()
+        for proc, _, log in running.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             log.close()
-            del running[name]
-            if proc.returncode != 0:  # stop the others too; their checkpoints let a rerun resume them
-                for other, _, other_log in running.values():
-                    other.terminate()
-                for other, _, other_log in running.values():
-                    try:
-                        other.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        other.kill()
-                    other_log.close()
+        running.clear()
+
+    try:
+        while pending or running:
+            for stage in list(pending):
+                if stage.done():
+                    logger.info("%s: already complete, skipped", stage.name)
+                    kept = records.get(stage.name, {})  # what an earlier run of the same command measured
+                    records[stage.name] = {**(kept if kept.get("command") == stage.command else {}),
+                                           "command": stage.command, **summarize(stage)}
+                    touched.add(stage.name)
+                    pending.remove(stage)
+                    finished.add(stage.name)
+                    continue
+                if len(running) < jobs and all(n in finished for n in stage.needs) and not _takes_a_slot_it_needs(
+                        stage, pending, set(running), finished, chains, jobs - len(running)):
+                    ready = sum(all(n in finished for n in s.needs) for s in pending)
+                    # the CPU threads are shared by what runs now and what could start with it
+                    threads = max(1, cpus // max(1, min(jobs, len(running) + ready)))
+                    # idle OpenMP threads sleep: spinning ones take the core a stage beside them needs
+                    env = dict(os.environ, OMP_NUM_THREADS=str(stage.threads or threads),
+                               MKL_NUM_THREADS=str(stage.threads or threads),
+                               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                               PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+                    log = open(work / "logs" / f"{stage.name}.log", "a")
+                    logger.info("%s: %s", stage.name, " ".join(stage.command))
+                    proc = subprocess.Popen([sys.executable, "-m", stage.module, *stage.args], cwd=ROOT, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+                    running[stage.name] = (proc, time.perf_counter(), log)
+                    pending.remove(stage)
+            for name, (proc, t0, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0:  # the handler below stops the others too
+                    raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {work / 'logs' / name}.log")
+                stage = stages[name]
+                rec = records.get(name, {})
+                if rec.get("command") != stage.command:  # another command's record (time, notes) is not this run's
+                    rec = {}
+                rec.update({"command": stage.command, "seconds": round(rec.get("seconds", 0) + time.perf_counter() - t0, 1),
+                            **summarize(stage)})
+                records[name] = rec
+                touched.add(name)
                 save()
-                raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {work / 'logs' / name}.log")
-            stage = stages[name]
-            rec = records.get(name, {})
-            if rec.get("command") != stage.command:  # another command's record (time, notes) is not this run's
-                rec = {}
-            rec.update({"command": stage.command, "seconds": round(rec.get("seconds", 0) + time.perf_counter() - t0, 1),
-                        **summarize(stage)})
-            records[name] = rec
-            touched.add(name)
-            save()
-            finished.add(name)
-            logger.info("%s: done in %.0f s", name, time.perf_counter() - t0)
-        if running:
-            time.sleep(2)
-        elif pending and not any(all(n in finished for n in s.needs) for s in pending):
-            raise RuntimeError(f"stages {[s.name for s in pending]} wait for stages that were not run")
+                finished.add(name)
+                logger.info("%s: done in %.0f s", name, time.perf_counter() - t0)
+            if running:
+                time.sleep(2)
+            elif pending and not any(all(n in finished for n in s.needs) for s in pending):
+                raise RuntimeError(f"stages {[s.name for s in pending]} wait for stages that were not run")
+    except BaseException:  # a failed stage, Ctrl-C, SIGTERM (made SystemExit by _exit_on_sigterm): no orphans
+        stop_running()
+        save()
+        raise
     save()
     return records
 
@@ -453,7 +462,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return records
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # so that run_stages stops the stages it started instead of leaving them running
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         main(parse_args())
     except (ValueError, RuntimeError) as e:

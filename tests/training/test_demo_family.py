@@ -584,6 +584,48 @@ def test_longest_chains_start_first_and_a_short_one_keeps_no_slot_they_are_about
     assert real["clip"] > real["vae"] > real["data-det"] > real["judge"]
 
 
+def test_a_terminated_build_stops_the_stages_it_started(tmp_path):
+    """SIGTERM to the build (a stopped job, a session's end) stops its running stages too: an orphaned stage would
+    go on writing checkpoints beside the stage a rerun starts in its place."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lib, pid_file = tmp_path / "lib", tmp_path / "stage.pid"
+    lib.mkdir()
+    (lib / "sleepy_stage.py").write_text(
+        "import os, pathlib, sys, time\n"
+        "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\n"
+        "time.sleep(300)\n")
+    runner = (
+        "import signal, sys\n"
+        "from pathlib import Path\n"
+        "from training.demo_zoo import Stage, _exit_on_sigterm, run_stages\n"
+        "signal.signal(signal.SIGTERM, _exit_on_sigterm)\n"
+        f"run_stages({{'s': Stage('s', 'sleepy_stage', [{str(pid_file)!r}], lambda: False)}}, Path({str(tmp_path)!r}), 1)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(lib), str(Path(__file__).resolve().parents[2])]))
+    build = subprocess.Popen([sys.executable, "-c", runner], env=env)
+    deadline = time.time() + 60
+    while not pid_file.is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stage_pid = int(pid_file.read_text())
+    build.send_signal(signal.SIGTERM)
+    assert build.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(stage_pid, 0)  # still there (or a zombie nobody reaped yet: its parent is gone, init reaps it)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        with open(f"/proc/{stage_pid}/stat") as f:
+            assert f.read().split()[2] == "Z", "the stage outlived the build"
+
+
 def test_resume_ignores_unstable_private_config_keys():
     from training.core import _comparable
 
