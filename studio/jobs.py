@@ -840,11 +840,14 @@ class JobManager:
         if result.exists():
             st.result = str(result.parent if job["kind"] in TRAINERS else out)
         if job["kind"] in TRAINERS:
+            # the pictures before the gaps: train_retrinet writes a validation's gap before its grid, so a status
+            # that lists a grid also holds its gap (read the other way round, a validation landing between the
+            # two reads gave a grid without its gap)
+            st.pictures = [str(p) for p in sorted((out / "validation").glob("step-*.png"))] \
+                if (out / "validation").is_dir() else []
             st.losses = read_losses(out / "metrics.jsonl")
             st.reference_gaps = read_gaps(out / "validation" / "reference_gap.jsonl")
             st.checkpoints = [p.name for _, p in reversed(list_checkpoints(out))]
-            st.pictures = [str(p) for p in sorted((out / "validation").glob("step-*.png"))] \
-                if (out / "validation").is_dir() else []
             st.max_steps = st.request.get("steps")
             st.step = st.losses[-1]["step"] if st.losses else 0
         elif job["kind"] == "dataset":
