@@ -164,10 +164,13 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ["--out", str(data_det), "--num-images", "2400", "--seed", str(seed), "--size", "128"],
               lambda: (data_det / "annotations.jsonl").is_file() or (out / "detector" / "model.safetensors").is_file(),
               minutes=0.2),
+        # 10 epochs (11 min beside the VAE, 2026-12-05): on the detector test's 77 unseen test pictures, median head-box
+        # IoU 0.937 and figure-mask IoU 0.904 (after refine_mask) against 0.958 and 0.902 for 30 epochs (76 min beside
+        # other stages on 2026-12-03), the largest item of the build that no other stage waits for
         Stage("detector", "training.train_detector",
-              ["--data", str(data_det), "--out", str(runs / "detector"), "--epochs", "30", "--imgsz", "160"],
+              ["--data", str(data_det), "--out", str(runs / "detector"), "--epochs", "10", "--imgsz", "160"],
               lambda: (out / "detector" / "model.safetensors").is_file() or (runs / "detector" / "export").is_dir(),
-              ("data-det",), minutes=76),
+              ("data-det",), minutes=12),
     ]
     return {s.name: s for s in stages}
 
