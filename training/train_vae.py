@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--pretrained-vae", default=None, help="fine-tune this AutoencoderKL (folder or Hub id)")
     p.add_argument("--vae-config", default=None, help="JSON file of AutoencoderKL arguments (default: the demo's)")
+    p.add_argument("--latent-channels", type=int, default=None,
+                   help="channels of the latent (default: the config's; the demo's 4, as SD 1.5's): more channels "
+                        "keep more of a picture at the same latent size, which is what the diffusion models pay for")
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--color-loss-weight", type=float, default=1.0,
                    help="weight of an MSE between 8x8 average-pooled pictures and reconstructions")
@@ -69,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_training_arguments(p, args)
     if args.kl_weight < 0 or args.color_loss_weight < 0 or args.face_loss_weight < 0:
         p.error("--kl-weight, --color-loss-weight and --face-loss-weight must not be negative")
+    if args.latent_channels is not None:
+        if args.latent_channels < 1:
+            p.error(f"--latent-channels must be at least 1, got {args.latent_channels}")
+        if args.pretrained_vae:
+            p.error("--latent-channels sets up a new VAE: a pretrained one keeps its latent")
     if args.decoder_only and not args.pretrained_vae:
         p.error("--decoder-only fine-tunes a trained VAE: give --pretrained-vae")
     if args.decoder_channels is not None:
@@ -100,6 +108,8 @@ def build_vae(args) -> AutoencoderKL | AsymmetricAutoencoderKL:
             config = json.loads(Path(args.vae_config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read --vae-config {args.vae_config}: {e}") from e
+    if getattr(args, "latent_channels", None):
+        config["latent_channels"] = args.latent_channels
     return AutoencoderKL(**config)
 
 
