@@ -510,21 +510,29 @@ def test_stages_option_runs_the_named_stages_and_packages_when_asked(tmp_path, m
         demo_zoo.main(demo_zoo.parse_args([*base, "--stages", "clip,nosuch"]))
 
 
-def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkeypatch):
-    from training.demo_zoo import Stage, run_stages
-
+def stand_in_stages(tmp_path, monkeypatch, module: str, source: str) -> tuple[Path, Path]:
+    """A build's work folder, a folder for the stages' outputs, and ``module``, a stand-in for a training script
+    (``source``) that the stages' subprocesses import. Returns (work, made)."""
     work, made, lib = tmp_path / "work", tmp_path / "made", tmp_path / "lib"
     for d in (work, made, lib):
         d.mkdir()
+    (lib / f"{module}.py").write_text(source)
+    monkeypatch.setenv("PYTHONPATH", str(lib))
+    return work, made
+
+
+def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkeypatch):
+    from training.demo_zoo import Stage, run_stages
+
     # a stand-in for a training script: appends its name to a log, then writes its output
-    (lib / "fake_stage.py").write_text(
+    work, made = stand_in_stages(
+        tmp_path, monkeypatch, "fake_stage",
         "import pathlib, sys\n"
         "name, log, out = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])\n"
         "if name == 'bad': sys.exit(3)\n"
         "if name == 'sleeper': __import__('time').sleep(120)\n"
         "with open(log, 'a') as f: f.write(name + '\\n')\n"
         "out.write_text('x')\n")
-    monkeypatch.setenv("PYTHONPATH", str(lib))
     log = tmp_path / "order.txt"
 
     def stage(name, needs=()):
@@ -560,18 +568,15 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
 def test_longest_chains_start_first_and_a_short_one_keeps_no_slot_they_are_about_to_need(tmp_path, monkeypatch):
     from training.demo_zoo import Stage, chain_minutes, plan, run_stages
 
-    work, made, lib = tmp_path / "work", tmp_path / "made", tmp_path / "lib"
-    for d in (work, made, lib):
-        d.mkdir()
     # a stand-in for a training script: logs its start, sleeps, logs its end, writes its output
-    (lib / "timed_stage.py").write_text(
+    work, made = stand_in_stages(
+        tmp_path, monkeypatch, "timed_stage",
         "import pathlib, sys, time\n"
         "name, seconds, log, out = sys.argv[1], float(sys.argv[2]), pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4])\n"
         "with open(log, 'a') as f: f.write('start ' + name + '\\n')\n"
         "time.sleep(seconds)\n"
         "with open(log, 'a') as f: f.write('end ' + name + '\\n')\n"
         "out.write_text('x')\n")
-    monkeypatch.setenv("PYTHONPATH", str(lib))
     log = tmp_path / "order.txt"
 
     def stage(name, seconds, minutes, needs=()):
