@@ -68,7 +68,7 @@ class Stage:
     run_dir: Path | None = None  # where metrics.jsonl is
     threads: int | None = None  # None: the share --jobs gives
     # about how long it runs on one CPU thread beside another stage: what the build's scheduler orders by (the plan's
-    # figures: the VAE, CLIP and detector as a build from nothing measured them on 2026-12-03, the others v7's)
+    # figures: the stages' wall times in the build from nothing of 2026-12-05, BENCHMARKS.md)
     minutes: float = 1.0
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -128,14 +128,14 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         Stage("vae", "training.train_vae", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                             "--face-loss-weight", "1.0", "--color-loss-weight", "30",
                                             *common("vae", 3000, 8, 1e-3, every=100)],
-              ran("vae", "vae"), ("data",), runs / "vae", minutes=17),
+              ran("vae", "vae"), ("data",), runs / "vae", minutes=16),
         # 2000 steps: after 400 the CLIP told a picture's caption from the same caption with another hair colour
         # only 21 % of the time (another outfit colour: 68 %), and the base, which reads its frozen text tower,
         # cannot follow what the tower does not tell apart; about 95 % and 97 % after 2000, and the base trained on it
         # gets hair and outfit colour right in 27 % of the report's test prompts (4 % on the 400-step CLIP)
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 2000, 128, 5e-4, every=250)],
-              ran("clip", "clip"), ("data",), runs / "clip", minutes=40),
+              ran("clip", "clip"), ("data",), runs / "clip", minutes=30),
         # the shipped text-to-image model (base/) and the report's base figure are the epsilon one: the twin follows
         # its prompt's hair and outfit colours in 14.6 % of the report's 96 test prompts against 27.1 % (21.9 %
         # against 19.8 % at guidance 3); RetriNet starts from the twin (see RETRINET_STEPS), so the twin comes first
@@ -146,20 +146,20 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ran("base-zsnr", "pipeline"), ("vae", "clip"), runs / "base-zsnr", minutes=17.5),
         Stage("base", "training.train_text_to_image",
               [*text_to_image, *common("base", 1500, 64, 1e-3, every=100)],
-              ran("base", "pipeline"), ("vae", "clip"), runs / "base", minutes=17.5),
+              ran("base", "pipeline"), ("vae", "clip"), runs / "base", minutes=17),
         Stage("retrinet", "training.train_retrinet",
               [*retrinet, "--setting", "b", *common("retrinet", RETRINET_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet", minutes=65),
+              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet", minutes=75),
         Stage("retrinet-a", "training.train_retrinet",
               [*retrinet, "--setting", "a", *common("retrinet-a", RETRINET_A_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a", minutes=24),
+              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a", minutes=28),
         Stage("semantica", "training.train_semantica",
               ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(data),
                "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
               ran("semantica", "semantica"), ("base",), runs / "semantica", minutes=3),
         Stage("judge", "training.train_judge", ["--data", str(data), "--width", "24", "--lr-warmup-steps", "20",
                                                 *common("judge", 2000, 64, 3e-3, every=100)],
-              ran("judge", "judge"), ("data",), runs / "judge", minutes=21),
+              ran("judge", "judge"), ("data",), runs / "judge", minutes=23),
         Stage("data-det", "training.data.toybooru",
               ["--out", str(data_det), "--num-images", "2400", "--seed", str(seed), "--size", "128"],
               lambda: (data_det / "annotations.jsonl").is_file() or (out / "detector" / "model.safetensors").is_file(),
@@ -170,7 +170,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         Stage("detector", "training.train_detector",
               ["--data", str(data_det), "--out", str(runs / "detector"), "--epochs", "10", "--imgsz", "160"],
               lambda: (out / "detector" / "model.safetensors").is_file() or (runs / "detector" / "export").is_dir(),
-              ("data-det",), minutes=12),
+              ("data-det",), minutes=11),
     ]
     return {s.name: s for s in stages}
 

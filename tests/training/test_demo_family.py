@@ -603,7 +603,7 @@ def test_longest_chains_start_first_and_a_short_one_keeps_no_slot_they_are_about
     # the real plan: the chain through the CLIP, its zero-terminal-SNR base and RetriNet is the longest
     real = chain_minutes(plan(tmp_path / "w", tmp_path / "o"))
     assert max(real, key=real.get) == "data"
-    assert real["clip"] > real["vae"] > real["judge"] > real["data-det"]  # 10 detector epochs: 12 min
+    assert real["clip"] > real["vae"] > real["judge"] > real["data-det"]  # 10 detector epochs: 11 min
 
 
 def test_a_terminated_build_stops_the_stages_it_started(tmp_path):
