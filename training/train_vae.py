@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained-vae", default=None, help="fine-tune this AutoencoderKL (folder or Hub id)")
     p.add_argument("--vae-config", default=None, help="JSON file of AutoencoderKL arguments (default: the demo's)")
     p.add_argument("--latent-channels", type=int, default=None,
-                   help="channels of the latent (default: the config's; the demo's 4, as SD 1.5's): more channels "
-                        "keep more of a picture at the same latent size, which is what the diffusion models pay for")
+                   help="channels of a new VAE's latent (default: the config's; the demo's 4, as SD 1.5's; 16 kept "
+                        "no more of the demo's eyes and patterns than 4: BENCHMARKS.md)")
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--color-loss-weight", type=float, default=1.0,
                    help="weight of an MSE between 8x8 average-pooled pictures and reconstructions")
