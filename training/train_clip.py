@@ -69,6 +69,21 @@ def image_processor(resolution: int) -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": resolution}, crop_size={"height": resolution, "width": resolution})
 
 
+def tokenize_captions(tokenizer: CLIPTokenizer, captions: list[str]):
+    """``captions`` as token ids and attention mask, padded to the longest (at most the tokenizer's
+    ``model_max_length``, truncated beyond).
+
+    The contrastive loss reads only the text tower's output at each caption's end token, and the
+    tower's attention is causal, so the padding after it changes nothing: padded to the longest
+    caption (about 40 of 77 tokens for Toybooru's tags) gives the loss and gradients of padding to 77,
+    at about 0.7 times the step time of the demo CLIP (BENCHMARKS, "The demo family's training").
+    """
+    if isinstance(captions, str) or not captions:
+        raise ValueError("captions must be a non-empty list of strings")
+    return tokenizer(list(captions), padding="longest", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")
+
+
 class ContrastiveLoss(torch.nn.Module):
     """CLIP's loss on pictures in [-1, 1] and token ids, inside one ``forward`` (for DDP)."""
 
@@ -111,8 +126,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
 
     def loss_fn(batch):
-        tok = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")
+        tok = tokenize_captions(tokenizer, batch["caption"])
         return model(batch["pixel_values"].to(accelerator.device), tok.input_ids.to(accelerator.device),
                      tok.attention_mask.to(accelerator.device))
 

@@ -98,6 +98,38 @@ def test_vae_script_sets_the_latent_scale(family):
     assert [r["step"] for r in read_metrics(family["root"] / "vae" / "metrics.jsonl")] == [1, 2]
 
 
+def test_clip_pads_captions_to_the_longest_at_the_loss_and_gradients_of_77(family, toybooru):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from training.data.images import TaggedImages, collate_images
+    from training.train_clip import ContrastiveLoss, image_processor, tokenize_captions
+
+    folder = family["root"] / "clip" / "clip"
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    batch = collate_images([TaggedImages(toybooru, "train", 32, tag_dropout=0.5, seed=0)[i] for i in range(6)])
+    short = tokenize_captions(tokenizer, batch["caption"])
+    lengths = short.attention_mask.sum(1)
+    assert short.input_ids.shape[1] == int(lengths.max()) < tokenizer.model_max_length
+    assert int(lengths.min()) < int(lengths.max())  # the shorter captions are padded
+    full = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt")
+    model = ContrastiveLoss(CLIPModel.from_pretrained(folder), image_processor(32)).train()
+    results = []
+    for tok in (short, full):
+        model.zero_grad()
+        loss = model(batch["pixel_values"], tok.input_ids, tok.attention_mask)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_short, grads_short), (loss_full, grads_full) = results
+    assert loss_short == pytest.approx(loss_full, rel=1e-5) and len(grads_short) == len(grads_full)
+    # equal up to float rounding (the token and position embeddings' gradients, of size 3, differ by 5e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(grads_short, grads_full))
+    with pytest.raises(ValueError, match="non-empty list"):
+        tokenize_captions(tokenizer, [])
+    with pytest.raises(ValueError, match="non-empty list"):
+        tokenize_captions(tokenizer, "1girl, solo")
+
+
 def test_vae_latent_channels_bad_input(tmp_path, capsys):
     from training.train_vae import build_vae, parse_args
 
