@@ -68,7 +68,8 @@ class Stage:
     run_dir: Path | None = None  # where metrics.jsonl is
     threads: int | None = None  # None: the share --jobs gives
     # about how long it runs on one CPU thread beside another stage: what the build's scheduler orders by (the plan's
-    # figures: the stages' wall times in the build from nothing of 2026-12-05, BENCHMARKS.md)
+    # figures: the stages' wall times in the build from nothing of 2026-12-05, BENCHMARKS.md; the CLIP's and
+    # RetriNet's scaled by the step times measured after its captions were padded to the longest and its heads halved)
     minutes: float = 1.0
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -89,6 +90,12 @@ class Stage:
 #   runs 6000 steps in one cosine (about 70 min on one core of this CPU, -a and Semantica on the other).
 RETRINET_STEPS = 6000
 RETRINET_LR = 2e-3
+# 2 heads in each ControlCrossAttention (16 and 32 channels a head on the 32- and 64-channel skips), not 4: at 4, the
+# two cross-attentions at 16x16 (256 queries over 4 x 256 reference tokens, 8 channels a head) took 40 % of a -b
+# step, the CPU attention kernel being slow on narrow heads; 2 heads make a step 0.71 times as long (one head:
+# 0.69), and trained 1500 steps they read their references as 4 do (the reference gap and the report's figures at
+# step 1500: BENCHMARKS.md, "The demo family's training")
+RETRINET_HEADS = 2
 RETRINET_BASE = "base-zsnr"  # the run under runs/ whose pipeline RetriNet starts from
 # -a runs the first quarter of -b's schedule (the same --restart-steps, so the same learning rate at every
 # step), and the report compares -b's checkpoint of that step with it: the same budget, and the build
@@ -110,7 +117,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
 
     base = runs / "base" / "pipeline"
     retrinet = ["--pretrained", str(runs / RETRINET_BASE / "pipeline"), "--data", str(data), "--task", "multitask",
-                "--num-references", "4", "--resolution", "64", "--retrieval-attention-heads", "4",
+                "--num-references", "4", "--resolution", "64", "--retrieval-attention-heads", str(RETRINET_HEADS),
                 "--gradient-accumulation-steps", "1",
                 "--restart-steps", str(RETRINET_STEPS), "--lr-warmup-steps", "20", "--prompt-tags", "neutral",
                 "--cache-latents", "--timestep-weighting", "uniform",
@@ -135,7 +142,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # gets hair and outfit colour right in 27 % of the report's test prompts (4 % on the 400-step CLIP)
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 2000, 128, 5e-4, every=250)],
-              ran("clip", "clip"), ("data",), runs / "clip", minutes=30),
+              ran("clip", "clip"), ("data",), runs / "clip", minutes=22),
         # the shipped text-to-image model (base/) and the report's base figure are the epsilon one: the twin follows
         # its prompt's hair and outfit colours in 14.6 % of the report's 96 test prompts against 27.1 % (21.9 %
         # against 19.8 % at guidance 3); RetriNet starts from the twin (see RETRINET_STEPS), so the twin comes first
@@ -149,10 +156,10 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ran("base", "pipeline"), ("vae", "clip"), runs / "base", minutes=17),
         Stage("retrinet", "training.train_retrinet",
               [*retrinet, "--setting", "b", *common("retrinet", RETRINET_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet", minutes=75),
+              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet", minutes=53),
         Stage("retrinet-a", "training.train_retrinet",
               [*retrinet, "--setting", "a", *common("retrinet-a", RETRINET_A_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a", minutes=28),
+              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a", minutes=22),
         Stage("semantica", "training.train_semantica",
               ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(data),
                "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
