@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "UNet whose decoder an earlier run trained, its OUT/unet)")
     g.add_argument("--retrieval-attention-heads", type=int, default=8)
     g.add_argument("--max-references", type=int, default=8)
+    g.add_argument("--retrieval-positions", action="store_true",
+                   help="a new RetriNet adds a 2D position embedding to its cross-attentions' queries and keys (not "
+                        "in the seeds' code; RetriNetModel's retrieval_positions)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="a RetriBooru-style folder (annotations.jsonl, images/, masks/)")
     g.add_argument("--split", default="train", help="split to train on ('none': every record)")
@@ -507,9 +510,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if len(retrinet.down_blocks) != len(unet.down_blocks) or \
                 tuple(retrinet.config.block_out_channels) != tuple(unet.config.block_out_channels):
             raise ValueError(f"the RetriNet in {args.retrinet} was built for another UNet")
+        if args.retrieval_positions and not retrinet.config.retrieval_positions:
+            raise ValueError(f"--retrieval-positions: the RetriNet in {args.retrinet} was trained without them")
     else:
         retrinet = RetriNetModel.from_unet(unet, retrieval_attention_heads=args.retrieval_attention_heads,
-                                           max_references=args.max_references)
+                                           max_references=args.max_references,
+                                           retrieval_positions=args.retrieval_positions)
     params = retrinet.set_training_mode(unet, LOCKS[args.lock])
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)

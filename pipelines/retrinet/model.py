@@ -9,6 +9,9 @@ RetriNet (seed 000, Sec. 3 and Fig. 2; seed 001, Sec. 5.1; DESIGN.md "RetriNet, 
    of its concept word ("face", "clothes", "figure") and the timestep, and yields ``c_i``;
 3. for every skip and for the mid block, ``h_i + retrieval_scale * zero_conv_i(CCA_i(h_i, c_i))``
    where ``CCA_i`` is a ``ControlCrossAttention`` over all N references of the sample;
+   ``retrieval_positions`` (off by default; not in the seeds' code) adds a fixed 2D sin-cos
+   embedding of each token's place to the queries and keys, so that a query can find its own
+   place in the references even when the noisy target shows nothing there;
 4. the base decoder reads the injected features.
 
 The zero convolutions make RetriNet exactly the base model at initialisation.
@@ -23,12 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.controlnets.controlnet import zero_module
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -75,6 +79,14 @@ _ACTIVE: contextvars.ContextVar[_Injection | None] = contextvars.ContextVar("ret
 _HOOKED = "_retrinet_hooks"
 
 
+@functools.lru_cache(maxsize=32)
+def _positions(height: int, width: int, channels: int) -> torch.Tensor:
+    """(height * width, channels): diffusers' 2D sin-cos embedding of a height x width grid, its
+    coordinates scaled to [0, 16) whatever the grid's size, so that one place of a picture has one
+    embedding on a target and on references of another size."""
+    return get_2d_sincos_pos_embed(channels, (height, width), base_size=16, output_type="pt").float()
+
+
 def _heads(channels: int, wanted: int) -> int:
     """The largest number of heads not above ``wanted`` that divides ``channels``."""
     return max(h for h in range(1, max(1, wanted) + 1) if channels % h == 0)
@@ -117,6 +129,7 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         resnet_time_scale_shift: str = "default",
         retrieval_attention_heads: int = 8,  # heads of each ControlCrossAttention (fewer if C is not divisible)
         max_references: int = 8,  # references one sample may carry
+        retrieval_positions: bool = False,  # a 2D position embedding on the cross-attentions' queries and keys
     ):
         super().__init__()
         n_blocks = len(down_block_types)
@@ -127,6 +140,9 @@ class RetriNetModel(ModelMixin, ConfigMixin):
                              f"'UNetMidBlock2DCrossAttn' (Stable Diffusion 1.x / 2.x UNets)")
         if max_references < 1:
             raise ValueError(f"max_references must be at least 1, got {max_references}")
+        if retrieval_positions and any(c % 4 for c in block_out_channels):
+            raise ValueError(f"retrieval_positions needs channel counts divisible by 4 (a sine and a cosine per axis), "
+                             f"got {tuple(block_out_channels)}")
         num_attention_heads = num_attention_heads or attention_head_dim
         as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n_blocks  # noqa: E731
         only_cross_attention = as_tuple(only_cross_attention)
@@ -178,7 +194,8 @@ class RetriNetModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, load_weights_from_unet: bool = True,
-                  retrieval_attention_heads: int = 8, max_references: int = 8) -> RetriNetModel:
+                  retrieval_attention_heads: int = 8, max_references: int = 8,
+                  retrieval_positions: bool = False) -> RetriNetModel:
         """A RetriNet for ``unet``: the retrieval encoder copies its encoder half (weights too, by
         default), the cross-attentions are fresh and the zero convolutions are zero."""
         c = unet.config
@@ -202,6 +219,7 @@ class RetriNetModel(ModelMixin, ConfigMixin):
             use_linear_projection=c.use_linear_projection, upcast_attention=c.upcast_attention,
             resnet_time_scale_shift=c.resnet_time_scale_shift,
             retrieval_attention_heads=retrieval_attention_heads, max_references=max_references,
+            retrieval_positions=retrieval_positions,
         )
         if load_weights_from_unet:
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
@@ -280,7 +298,11 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         rows, _, fh, fw = feats.shape
         control = feats.reshape(rows, c, fh * fw).transpose(1, 2).to(h.dtype)  # (G*N, hw, C)
         tokens = h.reshape(b, c, hh * ww).transpose(1, 2)  # (B, HW, C)
-        out = attn(tokens, control, state.group_index, state.features.num_references)  # (B, HW, C)
+        pos = {}
+        if self.config.retrieval_positions:
+            pos = {"query_pos": _positions(hh, ww, c).to(h.device, h.dtype),
+                   "key_pos": _positions(fh, fw, c).to(h.device, h.dtype)}
+        out = attn(tokens, control, state.group_index, state.features.num_references, **pos)  # (B, HW, C)
         out = out.transpose(1, 2).reshape(b, c, hh, ww)
         return h + state.scale * zero(out)
 

@@ -119,6 +119,73 @@ def test_control_cross_attention_checks_its_inputs():
         ControlCrossAttention(16, 4)(torch.randn(3, 5, 16), torch.randn(4, 5, 16))
 
 
+def test_position_embeddings_steer_queries_to_the_same_place_in_every_reference():
+    from pipelines.retrinet.model import _positions
+
+    side, c, n = 6, 32, 3
+    cca = ControlCrossAttention(c, 1).double()
+    with torch.no_grad():  # queries and keys are the position embeddings themselves, scaled up; values are zero
+        w = cca.cross_attention.in_proj_weight
+        w.zero_()
+        w[:c].copy_(torch.eye(c) * 4)
+        w[c:2 * c].copy_(torch.eye(c) * 4)
+        cca.cross_attention.in_proj_bias.zero_()
+    pos = _positions(side, side, c).double()
+    assert pos.shape == (side * side, c)
+    # one place of a picture, one embedding, whatever the grid: the 3x3 grid's tokens are the 6x6 grid's even ones
+    coarse = _positions(side // 2, side // 2, c).view(side // 2, side // 2, c)
+    assert torch.allclose(coarse, _positions(side, side, c).view(side, side, c)[::2, ::2], atol=1e-6)
+    hs, control = torch.zeros(1, side * side, c, dtype=torch.double), torch.zeros(n, side * side, c, dtype=torch.double)
+    seen = {}
+    cca.cross_attention.register_forward_hook(lambda m, args, out: seen.update(q=args[0], k=args[1]))
+    cca(hs, control, query_pos=pos, key_pos=pos)
+    logits = seen["q"][0] @ seen["k"][0].T  # (L_q, N * L)
+    best = logits.view(side * side, n, side * side).argmax(-1)  # each query's best token in each reference
+    assert torch.equal(best, torch.arange(side * side).view(-1, 1).expand(-1, n))
+    # the grouped path computes the same as the seed's path with positions too, and positions change the result
+    torch.manual_seed(0)
+    cca = ControlCrossAttention(c, 2)
+    for p in cca.parameters():
+        nn.init.normal_(p, std=0.3)
+    hs, groups = torch.randn(4, side * side, c), torch.randn(2 * n, side * side, c)
+    index = torch.tensor([1, 0, 0, 1])
+    per_sample = groups.view(2, n, side * side, c)[index].reshape(4 * n, side * side, c)
+    with_pos = cca(hs, groups, index, n, query_pos=pos.float(), key_pos=pos.float())
+    assert torch.allclose(with_pos, cca(hs, per_sample, query_pos=pos.float(), key_pos=pos.float()), atol=1e-5)
+    assert (with_pos - cca(hs, groups, index, n)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="go together"):
+        cca(hs, groups, index, n, query_pos=pos.float())
+    with pytest.raises(ValueError, match="do not fit"):
+        cca(hs, groups, index, n, query_pos=pos.float(), key_pos=pos.float()[:-1])
+
+
+def test_retrieval_positions_are_a_config_switch_without_parameters(components, tmp_path):
+    unet = components["unet"]
+    plain = RetriNetModel.from_unet(unet)
+    placed = RetriNetModel.from_unet(unet, retrieval_positions=True)
+    assert placed.state_dict().keys() == plain.state_dict().keys()  # the seed's state dict still loads
+    placed.load_state_dict(perturb(plain).state_dict())
+    x, ehs = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        base = unet(x, 500, encoder_hidden_states=ehs).sample
+        a = plain.denoise(unet, x, 500, ehs, features_for(plain, 2, 3))
+        b = placed.denoise(unet, x, 500, ehs, features_for(placed, 2, 3))
+        assert (a - b).abs().max() > 1e-4 and (b - base).abs().max() > 1e-3
+        # references at another size than the target (8x8 latents against 16x16) are placed on the same range
+        assert features_for(placed, 2, 3).down[0].shape[-1] == 8
+    placed.save_pretrained(tmp_path / "rn")
+    loaded = RetriNetModel.from_pretrained(tmp_path / "rn")
+    assert loaded.config.retrieval_positions is True
+    with torch.no_grad():
+        assert torch.allclose(loaded.denoise(unet, x, 500, ehs, features_for(loaded, 2, 3)), b, atol=1e-6)
+    from diffusers import UNet2DConditionModel
+    from pipelines.components import TINY_UNET
+
+    odd = UNet2DConditionModel(**dict(TINY_UNET, block_out_channels=(30, 30), norm_num_groups=2))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        RetriNetModel.from_unet(odd, retrieval_positions=True, retrieval_attention_heads=2)
+
+
 # ---------------------------------------------------------------------------- the model
 
 def features_for(retrinet, g, n, seed=0, size=8):

@@ -432,6 +432,13 @@ def test_clear_errors_before_training(tiny_sd, toybooru, tmp_path):
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 2, "--resume-from-checkpoint",
                              tmp_path / "o5" / "retrinet")))
+    # positions asked of a RetriNet trained without them; and a checkpoint without them does not resume with them
+    with pytest.raises(ValueError, match="trained without them"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o7", "--max-train-steps", 1, "--retrinet",
+                             tmp_path / "o5" / "retrinet", "--unet", tmp_path / "o5" / "unet", "--retrieval-positions")))
+    with pytest.raises(ValueError, match="does not fit this run"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 2, "--retrieval-positions",
+                             "--resume-from-checkpoint", "latest")))
     for bad in (["--task", "paint"], ["--lock", "all"], ["--setting", "c"], ["--mixed-precision", "fp8"],
                 ["--num-references", "0"], ["--prompt-dropout", "1.5"]):
         with pytest.raises(SystemExit):
