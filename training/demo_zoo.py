@@ -68,8 +68,8 @@ class Stage:
     run_dir: Path | None = None  # where metrics.jsonl is
     threads: int | None = None  # None: the share --jobs gives
     # about how long it runs on one CPU thread beside another stage: what the build's scheduler orders by (the plan's
-    # figures: the stages' wall times in the build from nothing of 2026-12-05, BENCHMARKS.md; the CLIP's and
-    # RetriNet's scaled by the step times measured after its captions were padded to the longest and its heads halved)
+    # figures: the stages' wall times in the builds from nothing of 2026-12-05, BENCHMARKS.md; the CLIP's and
+    # RetriNet's from the second, after the CLIP's captions were padded to the longest and RetriNet's heads halved)
     minutes: float = 1.0
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -87,7 +87,7 @@ class Stage:
 #   target's references; on the epsilon base 7.3 % against 4.2 %).
 # - It is short of training: v6's -b continued 3000 more steps read its references' hair colour in 18.8 % of the
 #   reconstructions instead of 8.3 % (outfit 32.3 % instead of 24.0 %), its reference gap still climbing. v7
-#   runs 6000 steps in one cosine (about 70 min on one core of this CPU, -a and Semantica on the other).
+#   runs 6000 steps in one cosine (57 min on one core of this CPU with 2 heads, the other core busy throughout).
 RETRINET_STEPS = 6000
 RETRINET_LR = 2e-3
 # 2 heads in each ControlCrossAttention (16 and 32 channels a head on the 32- and 64-channel skips), not 4: at 4, the
@@ -142,7 +142,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # gets hair and outfit colour right in 27 % of the report's test prompts (4 % on the 400-step CLIP)
         Stage("clip", "training.train_clip", ["--data", str(data), "--resolution", "64", "--lr-warmup-steps", "20",
                                               *common("clip", 2000, 128, 5e-4, every=250)],
-              ran("clip", "clip"), ("data",), runs / "clip", minutes=22),
+              ran("clip", "clip"), ("data",), runs / "clip", minutes=26),
         # the shipped text-to-image model (base/) and the report's base figure are the epsilon one: the twin follows
         # its prompt's hair and outfit colours in 14.6 % of the report's 96 test prompts against 27.1 % (21.9 %
         # against 19.8 % at guidance 3); RetriNet starts from the twin (see RETRINET_STEPS), so the twin comes first
@@ -156,10 +156,10 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ran("base", "pipeline"), ("vae", "clip"), runs / "base", minutes=17),
         Stage("retrinet", "training.train_retrinet",
               [*retrinet, "--setting", "b", *common("retrinet", RETRINET_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet", minutes=53),
+              ran("retrinet", "retrinet"), (RETRINET_BASE,), runs / "retrinet", minutes=57),
         Stage("retrinet-a", "training.train_retrinet",
               [*retrinet, "--setting", "a", *common("retrinet-a", RETRINET_A_STEPS, 16, RETRINET_LR, every=150)],
-              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a", minutes=22),
+              ran("retrinet-a", "retrinet"), (RETRINET_BASE,), runs / "retrinet-a", minutes=23),
         Stage("semantica", "training.train_semantica",
               ["--pretrained", str(base), "--image-encoder", str(runs / "clip" / "clip"), "--data", str(data),
                "--resolution", "64", *common("semantica", 300, 32, 3e-4)],
