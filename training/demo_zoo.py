@@ -86,8 +86,8 @@ class Stage:
 #   (v5: the target's outfit colour in 24.0 % of the report's reconstructions against 6.2 % with another
 #   target's references; on the epsilon base 7.3 % against 4.2 %).
 # - It is short of training: v6's -b continued 3000 more steps read its references' hair colour in 18.8 % of the
-#   reconstructions instead of 8.3 % (outfit 32.3 % instead of 24.0 %), its reference gap still climbing. v7
-#   runs 6000 steps in one cosine (57 min on one core of this CPU with 2 heads, the other core busy throughout).
+#   reconstructions instead of 8.3 % (outfit 32.3 % instead of 24.0 %), its reference gap still climbing. v7 ran
+#   6000 steps in one cosine (64 min at 4 heads); at 2 heads they took 57 min on one core here beside other stages.
 RETRINET_STEPS = 6000
 RETRINET_LR = 2e-3
 # 2 heads in each ControlCrossAttention (16 and 32 channels a head on the 32- and 64-channel skips), not 4: at 4, the
