@@ -80,8 +80,9 @@ def measure(pipeline: str | Path, data: str | Path, samples: int = 16, timesteps
             ) -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
-    from pipelines.retrinet import RetriNetPipeline, embed_texts
+    from pipelines.retrinet import RetriNetPipeline, embed_texts, embed_words
     from training.data.retribooru import RetriBooruDataset, collate
+    from training.train_retrinet import gap_batch
 
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
@@ -93,15 +94,12 @@ def measure(pipeline: str | Path, data: str | Path, samples: int = 16, timesteps
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ds = RetriBooruDataset(data, "test", task="recon", setting="b", num_references=4, resolution=size,
                            prompt_tags="neutral", seed=seed)
-    stride = max(1, len(ds) // samples)
-    batch = collate([ds[i * stride] for i in range(min(samples, len(ds)))])
+    batch = gap_batch(ds, samples) if len(ds) > 1 else collate([ds[0]])  # the samples the reference gap reads
     b, n = batch["reference_pixel_values"].shape[:2]
     sf = pipe.vae.config.scaling_factor
     latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.mode() * sf
     refs = pipe.vae.encode(batch["reference_pixel_values"].flatten(0, 1)).latent_dist.mode() * sf
-    words = sorted({w for cs in batch["concepts"] for w in cs})
-    table = dict(zip(words, embed_texts(pipe.tokenizer, pipe.text_encoder, words, "cpu")))
-    concepts = torch.stack([table[c] for cs in batch["concepts"] for c in cs])
+    concepts = embed_words(pipe.tokenizer, pipe.text_encoder, [c for cs in batch["concepts"] for c in cs], "cpu")
     empty = embed_texts(pipe.tokenizer, pipe.text_encoder, [""] * b, "cpu")
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     result: dict[str, Any] = {"pipeline": str(pipeline), "samples": b, "references": n, "timesteps": {}}

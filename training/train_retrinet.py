@@ -49,7 +49,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.components import load_vae
 from pipelines.concepts import CONCEPTS
-from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts
+from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts, embed_words
 from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, pyramid_noise,
                            read_metrics, timestep_weights, unweighted_last_step)
 from training.data.retribooru import PROMPT_TAGS, RetriBooruDataset, collate
@@ -327,10 +327,9 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
 
     latents = encode(pixels)
     ref_latents = encode(refs.flatten(0, 1)).view(b, n, *latents.shape[1:])
-    # the concept words are few: each is encoded once, as RetriNetObjective's table does
-    words = sorted({w for cs in batch["concepts"] for w in cs})
-    table = dict(zip(words, embed_texts(tokenizer, text_encoder, words, device).to(dtype)))
-    concepts = torch.stack([torch.stack([table[w] for w in cs]) for cs in batch["concepts"]])  # (B, N, L, D)
+    words = [w for cs in batch["concepts"] for w in cs]
+    concepts = embed_words(tokenizer, text_encoder, words, device).to(dtype)
+    concepts = concepts.view(b, n, *concepts.shape[1:])  # (B, N, L, D)
     conditions = {"own": (ref_latents, concepts, 1.0),
                   "other": (ref_latents.roll(1, 0), concepts.roll(1, 0), 1.0),  # sample i gets i - 1's
                   "none": (ref_latents, concepts, 0.0)}
@@ -388,10 +387,12 @@ GAP_LOG = "reference_gap.jsonl"  # in the run's validation/ folder, one line per
 def gap_batch(ds: RetriBooruDataset, samples: int = GAP_SAMPLES) -> dict[str, Any] | None:
     """A fixed batch for ``reference_gap``: ``samples`` samples spread evenly over ``ds`` (None if it
     has fewer than two), so that neighbours are far apart in the split and mostly other characters."""
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
     if len(ds) < 2:
         return None
     k = min(samples, len(ds))
-    return collate([ds[round(i * (len(ds) - 1) / (k - 1))] for i in range(k)])
+    return collate([ds[round(i * (len(ds) - 1) / max(1, k - 1))] for i in range(k)])
 
 
 def make_validation(args, accelerator, vae, text_encoder, tokenizer, unet, retrinet, weight_dtype):

@@ -98,6 +98,18 @@ def embed_texts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: Se
     return text_encoder(ids.to(device))[0]
 
 
+def embed_words(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, words: Sequence[str],
+                device: torch.device | str) -> torch.Tensor:
+    """(len(words), L, D) ``embed_texts`` of ``words`` with each distinct word encoded once: concept
+    words are few and repeat in every sample."""
+    words = list(words)
+    if not words:
+        raise ValueError("no words given")
+    distinct = sorted(set(words))
+    table = dict(zip(distinct, embed_texts(tokenizer, text_encoder, distinct, device)))
+    return torch.stack([table[w] for w in words])
+
+
 def _is_reference(ref) -> bool:
     return isinstance(ref, Reference) or (isinstance(ref, (tuple, list)) and len(ref) == 2 and isinstance(ref[1], str))
 

@@ -465,3 +465,25 @@ def test_model_cpu_offload_keeps_retrinet_on_the_execution_device(pipe):
         assert torch.equal(run(pipe), expected) and torch.equal(run(pipe), expected)  # features from the cache
     finally:
         pipe.remove_all_hooks()
+
+
+def test_embed_words_encodes_each_distinct_word_once(components, monkeypatch):
+    from pipelines.retrinet import embed_texts, embed_words
+    from pipelines.retrinet import pipeline as module
+
+    tok, enc = components["tokenizer"], components["text_encoder"]
+    words = ["face", "clothes", "face", "figure", "clothes"]
+    calls = []
+
+    def counted(tokenizer, text_encoder, texts, device):
+        calls.append(list(texts))
+        return embed_texts(tokenizer, text_encoder, texts, device)
+
+    monkeypatch.setattr(module, "embed_texts", counted)
+    with torch.no_grad():
+        got = embed_words(tok, enc, words, "cpu")
+        alone = embed_texts(tok, enc, words, "cpu")  # every word on its own row, repeats encoded again
+    assert calls == [["clothes", "face", "figure"]]
+    assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-6)
+    with pytest.raises(ValueError, match="no words"):
+        embed_words(tok, enc, [], "cpu")

@@ -856,6 +856,14 @@ def test_the_reference_gap_batch_needs_two_test_samples(toybooru, monkeypatch):
     batch = demo_report.gap_samples(toybooru, 0, 4)
     assert batch["pixel_values"].shape[0] == 4
     assert len({tuple(ids) for ids in batch["reference_ids"]}) == 4  # spread over the split: four different samples
+    ds = train_retrinet.RetriBooruDataset(toybooru, "test", task="recon", setting="b", num_references=2,
+                                          resolution=32, seed=0)
+    one = train_retrinet.gap_batch(ds, 1)  # a single sample is the split's first
+    assert one["pixel_values"].shape[0] == 1 and one["id"] == [ds[0]["id"]]
+    ends = train_retrinet.gap_batch(ds, 2)  # two are its first and its last
+    assert ends["id"] == [ds[0]["id"], ds[len(ds) - 1]["id"]]
+    with pytest.raises(ValueError, match="at least 1"):
+        train_retrinet.gap_batch(ds, 0)
     monkeypatch.setattr(train_retrinet, "gap_batch", lambda ds, samples: None)  # a split of fewer than 2
     with pytest.raises(ValueError, match="fewer than 2"):
         demo_report.gap_samples(toybooru, 0, 4)
