@@ -100,7 +100,8 @@ RETRINET_HEADS = 2
 # query's own place in its references than a uniform spread does at the last timesteps (benchmarks.retrinet_attention)
 # and the references reach the picture only as a whole; with them, trained 1500 steps (2 heads, the plan otherwise),
 # the reconstructions take the target's hair colour in 38.5 % of the report's pictures instead of 13.5 % and its
-# outfit colour in 51.0 % instead of 32.3 %, compositions A's hair in 33.3 % instead of 13.5 % (BENCHMARKS.md)
+# outfit colour in 51.0 % instead of 32.3 %, compositions A's hair in 33.3 % instead of 13.5 % (BENCHMARKS.md);
+# v8, the first build with them, 6000 steps: 54.2 % and 60.4 %, compositions A's hair 44.8 % (its REPORT.md)
 RETRINET_BASE = "base-zsnr"  # the run under runs/ whose pipeline RetriNet starts from
 # -a runs the first quarter of -b's schedule (the same --restart-steps, so the same learning rate at every
 # step), and the report compares -b's checkpoint of that step with it: the same budget, and the build
