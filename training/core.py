@@ -88,6 +88,7 @@ class TrainerConfig:
     seed: int = 0
     num_workers: int = 0
     max_grad_norm: float = 1.0
+    ema_decay: float | None = None  # keep an exponential moving average of the weights, and end on it
 
 
 def make_accelerator(**kwargs) -> Accelerator:
@@ -255,6 +256,17 @@ class Trainer:
         self.loss_fn, self.validation_fn = loss_fn, validation_fn
         self.output_dir = Path(config.output_dir)
         self.state = TrainerState(signature=dict(signature or {}))
+        self.ema = None
+        if config.ema_decay is not None:
+            if not 0 < config.ema_decay < 1:
+                raise ValueError(f"ema_decay must be between 0 and 1, got {config.ema_decay}")
+            from diffusers.training_utils import EMAModel
+
+            # diffusers' EMA (its warm-up: the decay is (1 + step) / (10 + step) until it reaches ema_decay, so a
+            # short run averages about its last ninth); saved in every checkpoint, resumed with it
+            self.ema = EMAModel(self._trained_parameters(), decay=config.ema_decay)
+            accelerator.register_for_checkpointing(self.ema)
+            self.state.signature["ema_decay"] = config.ema_decay  # a checkpoint without the average cannot resume
         self.sampler = EpochSampler(len(dataset), config.seed)
         # a private generator: making a DataLoader iterator then draws nothing from torch's global
         # RNG, so a run resumed mid-epoch draws the same noise as an uninterrupted one
@@ -270,6 +282,9 @@ class Trainer:
             for stale in self.output_dir.glob(".checkpoint-*.tmp"):  # left by a crash mid-write
                 shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.models for p in m.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -362,6 +377,8 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 st.global_step += 1
+                if self.ema is not None:
+                    self.ema.step(self._trained_parameters())
                 step_loss = torch.stack(step_losses).mean()  # over the accumulated micro-batches
                 step_losses = []
                 if st.global_step % cfg.logging_steps == 0 or st.global_step == cfg.max_train_steps:
@@ -393,6 +410,8 @@ class Trainer:
             if st.batches_in_epoch >= batches_per_epoch:
                 st.epoch += 1
                 st.batches_in_epoch = 0
+        if self.ema is not None:  # what the caller saves is the average (the checkpoints keep the raw weights too)
+            self.ema.copy_to(self._trained_parameters())
         acc.wait_for_everyone()
         return st
 
@@ -414,6 +433,9 @@ def add_training_arguments(p, *, learning_rate: float, batch_size: int, max_trai
                    help="default: what `accelerate config` says")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dataloader-num-workers", type=int, default=0)
+    g.add_argument("--use-ema", action="store_true",
+                   help="end on an exponential moving average of the weights (diffusers' EMAModel, with its warm-up)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="the average's largest decay (with --use-ema)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", required=True)
     g.add_argument("--checkpointing-steps", type=int, default=checkpointing_steps)
@@ -430,6 +452,8 @@ def check_training_arguments(p, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not args.learning_rate > 0:
         p.error("--learning-rate must be positive")
+    if getattr(args, "use_ema", False) and not 0 < args.ema_decay < 1:
+        p.error("--ema-decay must be between 0 and 1")
 
 
 def trainer_config(args) -> TrainerConfig:
@@ -438,7 +462,8 @@ def trainer_config(args) -> TrainerConfig:
         gradient_accumulation_steps=args.gradient_accumulation_steps, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, logging_steps=args.logging_steps,
         validation_steps=getattr(args, "validation_steps", None), seed=args.seed,
-        num_workers=args.dataloader_num_workers, max_grad_norm=args.max_grad_norm)
+        num_workers=args.dataloader_num_workers, max_grad_norm=args.max_grad_norm,
+        ema_decay=args.ema_decay if getattr(args, "use_ema", False) else None)
 
 
 def start_run(args) -> Accelerator:

@@ -276,6 +276,60 @@ def test_text_to_image_script_caches_latents(family, toybooru, tmp_path):
     assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-4)
 
 
+def test_use_ema_ends_on_diffusers_average_of_the_checkpoints_and_resumes_it(family, toybooru, tmp_path):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from training import train_text_to_image
+
+    root = family["root"]
+    common = ["--vae", str(root / "vae" / "vae"), "--text-encoder", str(root / "clip" / "clip"), "--data",
+              str(toybooru), "--unet-config", str(root / "unet.json"), "--checkpoints-total-limit", "10",
+              "--learning-rate", "1e-2"]
+    ema = [*common, "--use-ema", "--ema-decay", "0.5"]
+
+    def run(name, argv):
+        return train_text_to_image.main(train_text_to_image.parse_args(
+            [*argv, *shared(tmp_path / name, steps=4), "--resume-from-checkpoint", "latest"]))
+
+    def unet(name):
+        return UNet2DConditionModel.from_pretrained(tmp_path / name / "pipeline" / "unet").state_dict()
+
+    run("raw", common)
+    run("ema", ema)
+    # the average changes nothing of the training: the same losses, the same raw weights in every checkpoint
+    assert [r["loss"] for r in read_metrics(tmp_path / "ema" / "metrics.jsonl")] == \
+        [r["loss"] for r in read_metrics(tmp_path / "raw" / "metrics.jsonl")]
+    raw = [load_file(tmp_path / "ema" / f"checkpoint-{k}" / "model.safetensors") for k in range(1, 5)]
+    for name, t in load_file(tmp_path / "raw" / "checkpoint-4" / "model.safetensors").items():
+        assert torch.equal(raw[-1][name], t), name
+    # what ships is diffusers' EMA of the raw weights: decay 0 at the first step, then min(0.5, (1 + s) / (10 + s))
+    expected = dict(raw[0])
+    for k, weights in enumerate(raw[1:], start=1):
+        d = min(0.5, (1 + k) / (10 + k))
+        expected = {n: d * expected[n] + (1 - d) * w for n, w in weights.items()}
+    shipped, plain = unet("ema"), unet("raw")
+    assert set(shipped) == set(expected)
+    for name, t in shipped.items():
+        torch.testing.assert_close(t, expected[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(shipped[n], plain[n]) for n in shipped)  # not the raw weights
+    # a run killed after its second checkpoint resumes the average with its weights: the same result
+    shutil.copytree(tmp_path / "ema", tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint-3",
+                                                                                          "checkpoint-4", "pipeline"))
+    assert run("resumed", ema)["global_step"] == 4
+    for name, t in unet("resumed").items():
+        assert torch.equal(t, shipped[name]), name
+    # a checkpoint trained without the average cannot resume with it, and the decay must be a decay
+    shutil.copytree(tmp_path / "raw", tmp_path / "mixed", ignore=shutil.ignore_patterns("checkpoint-3",
+                                                                                        "checkpoint-4", "pipeline"))
+    with pytest.raises(ValueError, match="ema_decay"):
+        run("mixed", ema)
+    with pytest.raises(SystemExit):
+        train_text_to_image.parse_args([*common, "--use-ema", "--ema-decay", "1", *shared(tmp_path / "bad")])
+
+
 def test_vae_decoder_only_keeps_the_encoder_and_its_scale(family, toybooru, tmp_path):
     from diffusers import AutoencoderKL
 
