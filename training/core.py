@@ -433,15 +433,30 @@ def add_training_arguments(p, *, learning_rate: float, batch_size: int, max_trai
                    help="default: what `accelerate config` says")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dataloader-num-workers", type=int, default=0)
-    g.add_argument("--use-ema", action="store_true",
-                   help="end on an exponential moving average of the weights (diffusers' EMAModel, with its warm-up)")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="the average's largest decay (with --use-ema)")
+    add_ema_arguments(g)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", required=True)
     g.add_argument("--checkpointing-steps", type=int, default=checkpointing_steps)
     g.add_argument("--checkpoints-total-limit", type=int, default=2)
     g.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder")
     g.add_argument("--logging-steps", type=int, default=10)
+
+
+def add_ema_arguments(g) -> None:
+    """``--use-ema`` and ``--ema-decay`` (``ema_decay`` reads them, ``check_ema_arguments`` checks them)."""
+    g.add_argument("--use-ema", action="store_true",
+                   help="end on an exponential moving average of the weights (diffusers' EMAModel, with its warm-up)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="the average's largest decay (with --use-ema)")
+
+
+def check_ema_arguments(p, args) -> None:
+    if args.use_ema and not 0 < args.ema_decay < 1:
+        p.error("--ema-decay must be between 0 and 1")
+
+
+def ema_decay(args) -> float | None:
+    """``TrainerConfig.ema_decay`` from ``--use-ema`` / ``--ema-decay``: None without the average."""
+    return args.ema_decay if getattr(args, "use_ema", False) else None
 
 
 def check_training_arguments(p, args) -> None:
@@ -452,8 +467,7 @@ def check_training_arguments(p, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not args.learning_rate > 0:
         p.error("--learning-rate must be positive")
-    if getattr(args, "use_ema", False) and not 0 < args.ema_decay < 1:
-        p.error("--ema-decay must be between 0 and 1")
+    check_ema_arguments(p, args)
 
 
 def trainer_config(args) -> TrainerConfig:
@@ -463,7 +477,7 @@ def trainer_config(args) -> TrainerConfig:
         checkpoints_total_limit=args.checkpoints_total_limit, logging_steps=args.logging_steps,
         validation_steps=getattr(args, "validation_steps", None), seed=args.seed,
         num_workers=args.dataloader_num_workers, max_grad_norm=args.max_grad_norm,
-        ema_decay=args.ema_decay if getattr(args, "use_ema", False) else None)
+        ema_decay=ema_decay(args))
 
 
 def start_run(args) -> Accelerator:

@@ -50,8 +50,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipelines.components import load_vae
 from pipelines.concepts import CONCEPTS
 from pipelines.retrinet import Reference, RetriNetModel, RetriNetPipeline, embed_texts, embed_words
-from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, make_accelerator, pyramid_noise,
-                           read_metrics, timestep_weights, unweighted_last_step)
+from training.core import (WEIGHTINGS, MetricsLog, Trainer, TrainerConfig, add_ema_arguments, check_ema_arguments,
+                           ema_decay, make_accelerator, pyramid_noise, read_metrics, timestep_weights,
+                           unweighted_last_step)
 from training.data.retribooru import PROMPT_TAGS, RetriBooruDataset, collate
 from training.latents import LatentCache
 
@@ -116,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: what `accelerate config` says")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    add_ema_arguments(g)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", required=True)
     g.add_argument("--checkpointing-steps", type=int, default=500)
@@ -131,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--hub-token", default=None)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    check_ema_arguments(p, args)
     for name in ("num_references", "resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                  "checkpointing_steps", "restart_steps", "logging_steps"):
         if getattr(args, name) < 1:
@@ -556,7 +559,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, logging_steps=args.logging_steps,
         validation_steps=args.validation_steps, seed=args.seed, num_workers=args.dataloader_num_workers,
-        max_grad_norm=args.max_grad_norm)
+        max_grad_norm=args.max_grad_norm, ema_decay=ema_decay(args))
     trainer = Trainer(accelerator, config, dataset, collate, [retrinet, unet] if unet_trains else [retrinet],
                       optimizer, lr_scheduler, objective, signature, validate)
     start = trainer.resume(args.resume_from_checkpoint)

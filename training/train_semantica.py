@@ -46,7 +46,15 @@ from pipelines.semantica import (
     prepare_unet,
 )
 from pipelines.semantica.model import UNCONDITIONALS
-from training.core import Trainer, TrainerConfig, make_accelerator, read_metrics
+from training.core import (
+    Trainer,
+    TrainerConfig,
+    add_ema_arguments,
+    check_ema_arguments,
+    ema_decay,
+    make_accelerator,
+    read_metrics,
+)
 from training.data.pairs import PairDataset, make_pair_dataset, open_picture
 from training.data.retribooru import collate
 
@@ -94,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: what `accelerate config` says")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    add_ema_arguments(g)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", required=True)
     g.add_argument("--checkpointing-steps", type=int, default=500)
@@ -107,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--validation-guidance-scale", type=float, default=0.5)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    check_ema_arguments(p, args)
     for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                  "checkpointing_steps", "logging_steps", "embedding_batch_size", "num_validation_images",
                  "validation_inference_steps"):
@@ -300,7 +310,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, logging_steps=args.logging_steps,
         validation_steps=args.validation_steps, seed=args.seed, num_workers=args.dataloader_num_workers,
-        max_grad_norm=args.max_grad_norm)
+        max_grad_norm=args.max_grad_norm, ema_decay=ema_decay(args))
     trainer = Trainer(accelerator, config, dataset, collate, prepared, optimizer, lr_scheduler, objective, signature,
                       validate)
     start = trainer.resume(args.resume_from_checkpoint)

@@ -470,3 +470,23 @@ def test_validation_pictures_and_push_to_hub(tiny_sd, toybooru, tmp_path, monkey
     assert [json.loads(line)["step"] for line in gap_log.read_text().splitlines()] == [2, 4]
     assert result["hub_repo"] == "user/retrinet-test"
     assert calls["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["ignore_patterns"]
+
+
+def test_use_ema_saves_the_average_of_the_retrinet_and_the_decoder(tiny_sd, toybooru, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path, "--max-train-steps", 2, "--checkpointing-steps", 1,
+                         "--use-ema", "--ema-decay", "0.5", "--learning-rate", "1e-2")))
+    d = min(0.5, 2 / 11)  # diffusers' warm-up at the second step (the first copies the weights)
+    for shipped, index in ((RetriNetModel.from_pretrained(tmp_path / "retrinet"), ""),
+                           (UNet2DConditionModel.from_pretrained(tmp_path / "unet"), "_1")):
+        first, second = (load_file(tmp_path / f"checkpoint-{k}" / f"model{index}.safetensors") for k in (1, 2))
+        state = shipped.state_dict()
+        assert set(state) == set(second)
+        trained = [n for n in second if not torch.equal(first[n], second[n])]
+        assert trained  # the decoder and the retrieval encoder both moved
+        for name in trained:
+            torch.testing.assert_close(state[name], d * first[name] + (1 - d) * second[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        parse_args(argv(tiny_sd, toybooru, tmp_path, "--use-ema", "--ema-decay", "0"))

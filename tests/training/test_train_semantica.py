@@ -274,3 +274,17 @@ def test_two_processes_write_one_set_of_outputs(tiny_sd, tiny_clip, toybooru, tm
         ["random_states_0.pkl", "random_states_1.pkl"]
     SemanticaPipeline.from_pretrained(out / "semantica")
     assert not list(out.glob(".checkpoint-*"))
+
+
+def test_use_ema_saves_the_average(tiny_sd, tiny_clip, toybooru, tmp_path):
+    from safetensors.torch import load_file
+
+    main(parse_args(argv(tiny_sd, tiny_clip, toybooru, tmp_path, "--max-train-steps", 2, "--checkpointing-steps", 1,
+                         "--use-ema", "--ema-decay", "0.5", "--learning-rate", "1e-2")))
+    d = min(0.5, 2 / 11)  # diffusers' warm-up at the second step (the first copies the weights)
+    first, second = (load_file(tmp_path / f"checkpoint-{k}" / "model.safetensors") for k in (1, 2))
+    shipped = SemanticaPipeline.from_pretrained(tmp_path / "semantica").unet.state_dict()
+    trained = [n for n in second if not torch.equal(first[n], second[n])]
+    assert trained and set(trained) <= set(shipped)
+    for name in trained:
+        torch.testing.assert_close(shipped[name], d * first[name] + (1 - d) * second[name], rtol=1e-5, atol=1e-6)
