@@ -160,9 +160,10 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
               ran("base-zsnr", "pipeline"), ("vae", "clip"), runs / "base-zsnr", minutes=17.5),
         # 12000 steps of batch 8: the same 96,000 pictures as v8's 1500 of batch 64 in 8 times the updates, 26 min
         # (v8's: 17). Hair and outfit colour both right in 192 test prompts (judged as the report does, so 3 to 3.6
-        # points of noise), session 32: 1500 x 64 50.0 %, 3000 x 32 62.0 %, 6000 x 16 70.3 %, 12000 x 8 77.1 %; twice
-        # the pictures in 3000 x 64 70.3 %, 6000 x 32 70.8 % (36.5 min); an average of the weights (--use-ema) on
-        # 1500 x 64 45.3 %; guidance 3 / 7.5 / 10 instead of 5 51.0 / 45.3 / 36.5 % (BENCHMARKS.md)
+        # points of noise), session 32: 1500 x 64 50.0 %, 3000 x 32 62.0 %, 6000 x 16 70.3 %, 12000 x 8 77.1 %,
+        # 24000 x 4 74.5 % (37 min); twice the pictures in 3000 x 64 70.3 %, 6000 x 32 70.8 % (36.5 min); an average
+        # of the weights (--use-ema) on 1500 x 64 45.3 %; guidance 3 / 7.5 / 10 instead of 5 51.0 / 45.3 / 36.5 %
+        # (BENCHMARKS.md)
         Stage("base", "training.train_text_to_image",
               [*text_to_image, *common("base", BASE_STEPS, BASE_BATCH, 1e-3, every=100)],
               ran("base", "pipeline"), ("vae", "clip"), runs / "base", minutes=26),
