@@ -368,8 +368,7 @@ class Trainer:
                     step_losses.append(loss.detach())
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
-                        params = [p for m in self.models for p in m.parameters() if p.requires_grad]
-                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                        acc.clip_grad_norm_(self._trained_parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
