@@ -2,6 +2,7 @@
 
     python -m training.demo_zoo --out assets/demo-zoo --report
     python -m training.demo_report --work WORK --pipeline CANDIDATE [--vae DIR] [--retrieval-scale S]
+    python -m training.demo_report --work WORK --base CANDIDATE [--samples N]
 
 Everything is measured on the held-out ``test`` split of the build's Toybooru and judged by the
 attribute classifier (``pipelines.metrics.attributes``, trained on Toybooru's ground truth, not
@@ -31,7 +32,8 @@ words), so hair, eyes and outfit can only come from the references.
 ``python -m training.demo_report`` (``judge_candidate``) takes the report's RetriNet figures for a
 candidate instead (a checkpoint exported by ``training.export``, another decoder, another guidance
 or retrieval scale), with the same draws and noise, from the shipped judge and the build's Toybooru
-alone: a trial costs minutes, not the whole report.
+alone: a trial costs minutes, not the whole report. ``--base`` (``judge_base``) takes the report's base figure
+for a candidate base text-to-image model the same way.
 """
 
 from __future__ import annotations
@@ -181,6 +183,36 @@ VAE_PICTURES = 600  # test pictures of the VAE ceiling
 
 
 @torch.no_grad()
+def base_pipeline(folder: Path, vae: Path | None = None):
+    """A base text-to-image pipeline folder (``StableDiffusionPipeline``), decoding with ``vae`` if given."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.components import load_vae
+
+    extra = {"vae": load_vae(vae).eval()} if vae else {}
+    base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, **extra)
+    base.set_progress_bar_config(disable=True)
+    return base
+
+
+def base_figures(base, judge, root: Path, chosen: list[dict], seed: int, guidance_scale: float = GUIDANCE,
+                 report_dir: Path | None = None) -> dict[str, Any]:
+    """The base model's figure: the chosen test pictures' full tag prompts drawn (16 a batch, each batch's noise
+    seeded from ``seed`` and its place), and the judge's reading of hair colour and outfit colour against their
+    truth. ``report_dir`` receives the grid of the first 8 (real picture, drawn picture) pairs."""
+    prompts = [prompt_from_tags(r["tags"]) for r in chosen]
+    images: list[Image.Image] = []
+    for s in range(0, len(chosen), 16):
+        images += base(prompts[s:s + 16], num_inference_steps=STEPS, guidance_scale=guidance_scale, height=SIZE,
+                       width=SIZE, generator=torch.Generator().manual_seed(seed + s)).images
+    pred = judge.predict(images)
+    truths = [r["truth"] for r in chosen]
+    if report_dir is not None:
+        grid([[open_record(root, r)[0], im] for r, im in zip(chosen[:8], images[:8])], report_dir / "base.png")
+    return {"pictures": len(chosen), "hair_and_outfit_colour": rate(pred, truths, ("hair_color", "cloth_color")),
+            **per_attribute(pred, truths, ("hair_color", "cloth_color", "hair_style", "pattern"))}
+
+
 def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: random.Random,
                 pictures: int = VAE_PICTURES) -> dict[str, Any]:
     """The judge on real test pictures and on their VAE reconstructions: what the autoencoder alone
@@ -397,6 +429,39 @@ def judge_candidate(out: Path, work: Path, pipeline: Path | None = None, vae: Pa
     return figures
 
 
+def judge_base(out: Path, work: Path, pipeline: Path, vae: Path | None = None, samples: int = 96, seed: int = 0,
+               guidance_scale: float | None = None) -> dict[str, Any]:
+    """The report's base figure for a candidate base text-to-image pipeline folder (another recipe's
+    ``runs/NAME/pipeline``): with ``samples`` and ``seed`` as the report's, the same test prompts and noise as
+    ``write_report``'s, so the figure compares one for one with REPORT.md's. Decodes with the pipeline's own VAE
+    (or ``vae``); reads the judge from ``out`` and Toybooru from ``work``."""
+    from pipelines.metrics.attributes import AttributeClassifier
+
+    out, work, pipeline = Path(out), Path(work), Path(pipeline)
+    if samples < 2:
+        raise ValueError(f"the report needs at least 2 pictures per figure, got {samples}")
+    needed = [out / "judge" / "config.json", work / "toybooru" / "annotations.jsonl", pipeline / "model_index.json",
+              *([Path(vae) / "config.json"] if vae else [])]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise ValueError(f"missing: {', '.join(missing)}")
+    if guidance_scale is not None and guidance_scale < 0:
+        raise ValueError("the guidance scale must not be negative")
+    root = work / "toybooru"
+    records, _ = read_annotations(root)
+    test = [r for r in records if r["split"] == "test"]
+    if samples > len(test):
+        raise ValueError(f"{samples} pictures asked for, the test split has {len(test)}")
+    rng = random.Random(f"demo-report/{seed}")
+    rng.sample(test, min(VAE_PICTURES, len(test)))  # write_report's draw before the base's: the VAE ceiling's
+    judge = AttributeClassifier.from_pretrained(out / "judge").eval()
+    guidance = GUIDANCE if guidance_scale is None else guidance_scale
+    figures = {"base": base_figures(base_pipeline(pipeline, vae), judge, root, rng.sample(test, samples), seed,
+                                    guidance)}
+    figures["sampling"] = {"steps": STEPS, "guidance_scale": guidance, "pipeline": str(pipeline), "vae": str(vae or "")}
+    return figures
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import argparse
 
@@ -406,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="the shipped folder (its judge)")
     p.add_argument("--work", required=True, help="the build's work folder (its toybooru/)")
     p.add_argument("--pipeline", default=None, help="a RetriNetPipeline folder (default: the shipped one)")
+    p.add_argument("--base", default=None,
+                   help="judge this base text-to-image pipeline folder instead (the report's base figure)")
     p.add_argument("--vae", default=None, help="a VAE folder to decode with instead of the pipeline's")
     p.add_argument("--guidance-scale", type=float, default=None, help=f"default: the report's, {GUIDANCE}")
     p.add_argument("--retrieval-scale", type=float, default=1.0)
@@ -413,9 +480,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures here too")
     args = p.parse_args(argv)
+    if args.base and (args.pipeline or args.retrieval_scale != 1.0):
+        p.error("--base judges a base text-to-image model: it takes no --pipeline or --retrieval-scale")
     try:
-        figures = judge_candidate(args.out, args.work, args.pipeline, args.vae, args.samples, args.seed,
-                                  args.guidance_scale, args.retrieval_scale)
+        if args.base:
+            figures = judge_base(args.out, args.work, args.base, args.vae, args.samples, args.seed, args.guidance_scale)
+        else:
+            figures = judge_candidate(args.out, args.work, args.pipeline, args.vae, args.samples, args.seed,
+                                      args.guidance_scale, args.retrieval_scale)
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     text = json.dumps(figures, indent=1)
@@ -444,9 +516,8 @@ def missing_inputs(out: Path, work: Path) -> list[str]:
 
 
 def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    from pipelines.components import load_vae
     from pipelines.metrics import ClipScorer, face_distance
     from pipelines.metrics.attributes import AttributeClassifier
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
@@ -476,20 +547,8 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
 
     # base model: full tag prompts of test pictures, decoded by the shipped VAE (up to v6 a decoder trained on
     # after the base, with the same encoder and latents; from v7 on the base's own)
-    base = StableDiffusionPipeline.from_pretrained(base_folder(out, work), safety_checker=None,
-                                                   vae=load_vae(out / "retrinet" / "vae"))
-    base.set_progress_bar_config(disable=True)
-    chosen = rng.sample(test, samples)
-    prompts = [prompt_from_tags(r["tags"]) for r in chosen]
-    images = []
-    for s in range(0, samples, 16):
-        images += base(prompts[s:s + 16], num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-                       generator=torch.Generator().manual_seed(seed + s)).images
-    pred = judge.predict(images)
-    truths = [r["truth"] for r in chosen]
-    figures["base"] = {"pictures": samples, "hair_and_outfit_colour": rate(pred, truths, ("hair_color", "cloth_color")),
-                       **per_attribute(pred, truths, ("hair_color", "cloth_color", "hair_style", "pattern"))}
-    grid([[open_record(root, r)[0], im] for r, im in zip(chosen[:8], images[:8])], report_dir / "base.png")
+    base = base_pipeline(base_folder(out, work), out / "retrinet" / "vae")
+    figures["base"] = base_figures(base, judge, root, rng.sample(test, samples), seed, report_dir=report_dir)
     logger.info("base: %s", figures["base"])
 
     pipe = retrinet_pipeline(out / "retrinet")

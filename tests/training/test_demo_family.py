@@ -839,6 +839,15 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
         demo_report.main(["--out", str(out), "--work", str(tmp_path / "nowhere")])
     with pytest.raises(ValueError, match="must not be negative"):
         demo_report.judge_candidate(out, work, samples=4, retrieval_scale=-1)
+    # a base candidate judged alone: the report's prompts and noise, so the shipped base scores the report's figure
+    assert demo_report.judge_base(out, work, out / "base", samples=4, seed=0)["base"] == figures["base"]
+    other = demo_report.main(["--out", str(out), "--work", str(work), "--base", str(runs / "base" / "pipeline"),
+                              "--samples", "4", "--guidance-scale", "1"])
+    assert other["sampling"]["guidance_scale"] == 1 and other["base"]["pictures"] == 4
+    with pytest.raises(ValueError, match="model_index.json"):
+        demo_report.judge_base(out, work, tmp_path / "nowhere", samples=4)
+    with pytest.raises(SystemExit):  # a base and a RetriNet candidate at once
+        demo_report.main(["--work", str(work), "--base", str(out / "base"), "--pipeline", str(out / "retrinet")])
 
     # an unfinished -a run: the report compares both settings at their last common checkpoint
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
