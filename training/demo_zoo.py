@@ -446,6 +446,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", default=None,
                    help="comma-separated stages to run (default: all, then package); 'package' among them also "
                         "assembles --out and its manifest from the runs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of every stage (default: the CPUs shared among the stages that run together). "
+                        "A stage run again alone with the threads it had in a full build (1 on 2 cores, --jobs 2) "
+                        "computes the same weights: the float sums' order depends on them")
     p.add_argument("--report", action="store_true", help="write REPORT.md from the shipped models")
     p.add_argument("--report-samples", type=int, default=96, help="pictures per report figure")
     args = p.parse_args(argv)
@@ -453,6 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--jobs must be at least 1")
     if args.report_samples < 2:
         p.error("--report-samples must be at least 2")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
     return args
 
 
@@ -460,6 +466,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     stages = plan(work, out, args.seed)
+    for stage in stages.values():
+        stage.threads = args.threads or stage.threads
     if args.report:
         from training.demo_report import write_report
 

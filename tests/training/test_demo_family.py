@@ -651,6 +651,27 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
         run_stages({"x": stage("x", ("missing",))}, work, jobs=1)
 
 
+def test_threads_option_sets_every_stage_threads(tmp_path, monkeypatch):
+    """``--threads``: a stage run alone gets the threads it had in a full build, not the whole machine."""
+    from training import demo_zoo
+
+    work, made = stand_in_stages(
+        tmp_path, monkeypatch, "env_stage",
+        "import os, pathlib, sys\n"
+        "pathlib.Path(sys.argv[1]).write_text(os.environ['OMP_NUM_THREADS'] + ' ' + os.environ['MKL_NUM_THREADS'])\n")
+    monkeypatch.setattr(demo_zoo, "plan", lambda w, o, seed=0: {
+        "x": demo_zoo.Stage("x", "env_stage", [str(made / "x")], (made / "x").exists)})
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    demo_zoo.main(demo_zoo.parse_args(["--out", str(tmp_path / "o"), "--work", str(work), "--stages", "x"]))
+    assert (made / "x").read_text() == "8 8"  # alone, a stage takes every CPU
+    (made / "x").unlink()
+    demo_zoo.main(demo_zoo.parse_args(["--out", str(tmp_path / "o"), "--work", str(work), "--stages", "x",
+                                       "--threads", "1"]))
+    assert (made / "x").read_text() == "1 1"
+    with pytest.raises(SystemExit):
+        demo_zoo.parse_args(["--threads", "0"])
+
+
 def test_longest_chains_start_first_and_a_short_one_keeps_no_slot_they_are_about_to_need(tmp_path, monkeypatch):
     from training.demo_zoo import Stage, chain_minutes, plan, run_stages
 
