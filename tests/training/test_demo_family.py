@@ -651,6 +651,24 @@ def test_stages_run_in_order_skip_when_done_and_stop_on_failure(tmp_path, monkey
         run_stages({"x": stage("x", ("missing",))}, work, jobs=1)
 
 
+def test_base_draw_keeps_the_reports_first_draw_and_adds_distinct_pictures():
+    import random
+
+    from training.demo_report import BASE_DRAWS, base_draw
+
+    test = [{"id": f"t{i}"} for i in range(100)]
+    drawn = base_draw(test, random.Random("demo-report/0"), 10, 0)
+    assert len(drawn) == BASE_DRAWS * 10 and len({r["id"] for r in drawn}) == len(drawn)
+    rng = random.Random("demo-report/0")
+    assert drawn[:10] == rng.sample(test, 10)  # the report's stream draws what it drew before the base took more
+    after = random.Random("demo-report/0")
+    base_draw(test, after, 10, 0)
+    assert after.random() == rng.random()  # and it is left where the figures after the base expect it
+    assert base_draw(test, random.Random("demo-report/0"), 10, 0) == drawn  # the same pictures every time
+    assert base_draw(test, random.Random("demo-report/0"), 10, 1)[10:] != drawn[10:]  # the seed draws the rest
+    assert len(base_draw(test[:12], random.Random("x"), 10, 0)) == 12  # a small test split: all of it
+
+
 def test_threads_option_sets_every_stage_threads(tmp_path, monkeypatch):
     """``--threads``: a stage run alone gets the threads it had in a full build, not the whole machine."""
     from training import demo_zoo
@@ -822,6 +840,10 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     for key in ("base", "reconstruction", "composition_in_domain", "composition_out_domain"):
         assert 0 <= min(v for k, v in figures[key].items() if k != "pictures") <= 1, key
         assert figures[key]["pictures"] > 0
+    from training.data.retribooru import read_annotations
+
+    n_test = sum(r["split"] == "test" for r in read_annotations(work / "toybooru")[0])
+    assert figures["base"]["pictures"] == min(demo_report.BASE_DRAWS * 4, n_test)  # the base: 4 times the pictures
     assert set(figures["settings"]) == {"a", "b"} and "SWD(CLIP-I, CLIP-T)" in figures["settings"]["b"]
     assert "semantica" in figures
     assert set(figures["reference_gap"]) == {"a", "b"} and -1 < figures["prompt_gap"] < 1
@@ -846,6 +868,7 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert "## What the demo CLIP reads (its colour probe)" in report and "| hair | " in report
     assert "| another target's (control) | " in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
+    assert f"of {figures['base']['pictures']} (standard error " in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
 
     # a candidate judged alone draws the report's sets and noise: the shipped pipeline scores the report's figures
@@ -864,7 +887,7 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert demo_report.judge_base(out, work, out / "base", samples=4, seed=0)["base"] == figures["base"]
     other = demo_report.main(["--out", str(out), "--work", str(work), "--base", str(runs / "base" / "pipeline"),
                               "--samples", "4", "--guidance-scale", "1"])
-    assert other["sampling"]["guidance_scale"] == 1 and other["base"]["pictures"] == 4
+    assert other["sampling"]["guidance_scale"] == 1 and other["base"]["pictures"] == figures["base"]["pictures"]
     with pytest.raises(ValueError, match="model_index.json"):
         demo_report.judge_base(out, work, tmp_path / "nowhere", samples=4)
     with pytest.raises(SystemExit):  # a base and a RetriNet candidate at once
