@@ -253,6 +253,7 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
     (work / "logs").mkdir(parents=True, exist_ok=True)
 
     touched: set[str] = set()  # the stages this run recorded: another build run side by side keeps its own
+    fresh: set[str] = set()  # the stages started here with nothing to resume
 
     def save() -> None:
         merged = json.loads(records_path.read_text()) if records_path.is_file() else {}
@@ -294,6 +295,8 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                                MKL_NUM_THREADS=str(stage.threads or threads),
                                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                                PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+                    if stage.run_dir is not None and not (stage.run_dir / "metrics.jsonl").is_file():
+                        fresh.add(stage.name)  # nothing to resume: an earlier record's seconds are another run's
                     log = open(work / "logs" / f"{stage.name}.log", "a")
                     logger.info("%s: %s", stage.name, " ".join(stage.command))
                     proc = subprocess.Popen([sys.executable, "-m", stage.module, *stage.args], cwd=ROOT, env=env,
@@ -311,6 +314,8 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                 rec = records.get(name, {})
                 if rec.get("command") != stage.command:  # another command's record (time, notes) is not this run's
                     rec = {}
+                if name in fresh:  # a run from its first step: its seconds are this run's alone, not a resumed one's
+                    rec.pop("seconds", None)
                 rec.update({"command": stage.command, "seconds": round(rec.get("seconds", 0) + time.perf_counter() - t0, 1),
                             **summarize(stage)})
                 records[name] = rec

@@ -669,6 +669,30 @@ def test_base_draw_keeps_the_reports_first_draw_and_adds_distinct_pictures():
     assert len(base_draw(test[:12], random.Random("x"), 10, 0)) == 12  # a small test split: all of it
 
 
+def test_a_stage_run_again_from_its_first_step_does_not_add_the_old_runs_seconds(tmp_path, monkeypatch):
+    """A stage killed and resumed adds its new seconds to its record; one whose run folder was removed (a new run
+    of the same command) records its own seconds only."""
+    from training.demo_zoo import Stage, run_stages
+
+    work, made = stand_in_stages(
+        tmp_path, monkeypatch, "logged_stage",
+        "import pathlib, sys\n"
+        "run, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+        "run.mkdir(exist_ok=True)\n"
+        "with open(run / 'metrics.jsonl', 'a') as f: f.write('{\"step\": 1, \"loss\": 0.5, \"seconds\": 2.0}\\n')\n"
+        "out.write_text('x')\n")
+    run = tmp_path / "run"
+    stage = Stage("s", "logged_stage", [str(run), str(made / "s")], (made / "s").exists, run_dir=run)
+    (work / "stages.json").write_text(json.dumps({"s": {"command": stage.command, "seconds": 1e6}}))
+    assert run_stages({"s": stage}, work, jobs=1)["s"]["seconds"] < 1e3  # nothing to resume: a new run
+    (made / "s").unlink()  # killed before its end: the run folder is kept, and the next run resumes it
+    resumed = run_stages({"s": stage}, work, jobs=1)["s"]
+    assert 1e-3 < resumed["seconds"] < 1e3 and resumed["train_seconds"] == 4.0
+    saved = json.loads((work / "stages.json").read_text())["s"]["seconds"]
+    (made / "s").unlink()
+    assert run_stages({"s": stage}, work, jobs=1)["s"]["seconds"] > saved  # resumed: the seconds add up
+
+
 def test_threads_option_sets_every_stage_threads(tmp_path, monkeypatch):
     """``--threads``: a stage run alone gets the threads it had in a full build, not the whole machine."""
     from training import demo_zoo
