@@ -164,8 +164,8 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # 24000 x 4 74.5 % (37 min); twice the pictures in 3000 x 64 70.3 %, 6000 x 32 70.8 % (36.5 min); an average
         # of the weights (--use-ema) on 1500 x 64 45.3 %; guidance 3 / 7.5 / 10 instead of 5 51.0 / 45.3 / 36.5 %
         # (BENCHMARKS.md). Session 33, 12000 x 8 judged on 384 test prompts of each of two draws (the report's, seed 0,
-        # and seed 1's): lr 5e-4 70.6 % (seed 0), 1e-3 81.2 / 80.2 %, 1.5e-3 82.3 / 81.8 %, 2e-3 83.9 / 79.7 %; hair
-        # style 73 / 77 % at 1e-3, 87 to 91 % from 1.5e-3 up; 3e-3 diverged at step 1850 (the loss at 1). BASE_LR
+        # and seed 1's): lr 5e-4 69.5 % (seed 0), 1e-3 78.1 / 80.2 %, 1.5e-3 82.3 / 81.8 %, 2e-3 78.4 / 79.7 %; hair
+        # style 77 / 77 % at 1e-3, 87 to 91 % from 1.5e-3 up; 3e-3 diverged at step 1850 (the loss at 1). BASE_LR
         # is the best on seed 1's draw, half the rate that diverged
         Stage("base", "training.train_text_to_image",
               [*text_to_image, *common("base", BASE_STEPS, BASE_BATCH, BASE_LR, every=100)],
