@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -42,12 +43,16 @@ def studio_url(tiny_models, toybooru, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def train_studio_url(tiny_zoo_spec, toybooru, tmp_path_factory):
+def train_workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("train-workspace")
+
+
+@pytest.fixture(scope="module")
+def train_studio_url(tiny_zoo_spec, toybooru, train_workspace):
     """A studio of its own for training: using a checkpoint changes the models of its engine."""
     from pipelines.zoo import ModelZoo
 
-    engine = Engine(data=str(toybooru), models=ModelZoo(tiny_zoo_spec, device="cpu"),
-                    workspace=tmp_path_factory.mktemp("train-workspace"))
+    engine = Engine(data=str(toybooru), models=ModelZoo(tiny_zoo_spec, device="cpu"), workspace=train_workspace)
     with serve(engine) as url:
         yield url
 
@@ -231,7 +236,8 @@ def test_stop_keeps_the_cells_of_a_sweep_that_are_done(page, pictures):
 TRAIN = 240_000  # ms: an `accelerate launch` starts in about 10 s here, more on a busy CPU
 
 
-def test_train_watch_stop_resume_and_compose_with_the_checkpoint(browser, train_studio_url, pictures, artifacts):
+def test_train_watch_stop_resume_and_compose_with_the_checkpoint(browser, train_studio_url, train_workspace, pictures,
+                                                                  artifacts):
     context = browser.new_context(viewport={"width": 1280, "height": 1600})
     page = context.new_page()
     page.set_default_timeout(LOAD)
@@ -262,7 +268,16 @@ def test_train_watch_stop_resume_and_compose_with_the_checkpoint(browser, train_
         page.locator("#train-resume").click()
         expect(status).to_contain_text("running", timeout=WORK)
         expect(status).to_contain_text("attempt 2", timeout=WORK)
-        expect(page.locator("#train-log textarea")).to_have_value(re.compile("resumed from"), timeout=TRAIN)
+        # the second attempt resumes from a checkpoint. The log box shows the last 40 lines, and at this tiny model's
+        # speed (8 lines a checkpoint, one every 2 steps) the line that says so can scroll out of it within a second,
+        # between two refreshes of the page: it is read from the job's log file
+        resumed = re.compile(r"resumed from \S*checkpoint-\d+ at step [1-9]")
+        deadline = time.monotonic() + TRAIN / 1000
+        while time.monotonic() < deadline and not any(resumed.search(f.read_text(errors="replace"))
+                                                      for f in train_workspace.rglob("log.txt")):
+            time.sleep(0.5)
+        assert any(resumed.search(f.read_text(errors="replace")) for f in train_workspace.rglob("log.txt"))
+        expect(page.locator("#train-log textarea")).to_have_value(re.compile(r"checkpoint-\d+"), timeout=TRAIN)
         page.locator("#train-stop").click()
         expect(status).to_contain_text("stopped", timeout=TRAIN)
 
