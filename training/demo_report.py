@@ -403,6 +403,18 @@ def retrinet_pipeline(folder: Path):
     return pipe
 
 
+def _check_candidate(out: Path, work: Path, pipeline: Path, vae: Path | None, samples: int) -> None:
+    """What judging a candidate reads: the shipped judge, the build's Toybooru, the candidate's pipeline folder and
+    the VAE it decodes with, if another; a clear error naming what is missing, or a figure of too few pictures."""
+    if samples < 2:
+        raise ValueError(f"the report needs at least 2 pictures per figure, got {samples}")
+    needed = [out / "judge" / "config.json", work / "toybooru" / "annotations.jsonl", pipeline / "model_index.json",
+              *([Path(vae) / "config.json"] if vae else [])]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise ValueError(f"missing: {', '.join(missing)}")
+
+
 def judge_candidate(out: Path, work: Path, pipeline: Path | None = None, vae: Path | None = None, samples: int = 96,
                     seed: int = 0, guidance_scale: float | None = None, retrieval_scale: float = 1.0) -> dict[str, Any]:
     """The report's RetriNet figures (reconstruction with its control; composition in and out of domain) for
@@ -413,14 +425,8 @@ def judge_candidate(out: Path, work: Path, pipeline: Path | None = None, vae: Pa
     from pipelines.metrics.attributes import AttributeClassifier
 
     out, work = Path(out), Path(work)
-    if samples < 2:
-        raise ValueError(f"the report needs at least 2 pictures per figure, got {samples}")
     pipeline = Path(pipeline) if pipeline else out / "retrinet"
-    needed = [out / "judge" / "config.json", work / "toybooru" / "annotations.jsonl", pipeline / "model_index.json",
-              *([Path(vae) / "config.json"] if vae else [])]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise ValueError(f"missing: {', '.join(missing)}")
+    _check_candidate(out, work, pipeline, vae, samples)
     if retrieval_scale < 0 or (guidance_scale is not None and guidance_scale < 0):
         raise ValueError("the retrieval and guidance scales must not be negative")
     root = work / "toybooru"
@@ -451,13 +457,7 @@ def judge_base(out: Path, work: Path, pipeline: Path, vae: Path | None = None, s
     from pipelines.metrics.attributes import AttributeClassifier
 
     out, work, pipeline = Path(out), Path(work), Path(pipeline)
-    if samples < 2:
-        raise ValueError(f"the report needs at least 2 pictures per figure, got {samples}")
-    needed = [out / "judge" / "config.json", work / "toybooru" / "annotations.jsonl", pipeline / "model_index.json",
-              *([Path(vae) / "config.json"] if vae else [])]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise ValueError(f"missing: {', '.join(missing)}")
+    _check_candidate(out, work, pipeline, vae, samples)
     if guidance_scale is not None and guidance_scale < 0:
         raise ValueError("the guidance scale must not be negative")
     root = work / "toybooru"

@@ -272,11 +272,14 @@ def test_train_watch_stop_resume_and_compose_with_the_checkpoint(browser, train_
         # speed (8 lines a checkpoint, one every 2 steps) the line that says so can scroll out of it within a second,
         # between two refreshes of the page: it is read from the job's log file
         resumed = re.compile(r"resumed from \S*checkpoint-\d+ at step [1-9]")
+
+        def logged_resume() -> bool:
+            return any(resumed.search(f.read_text(errors="replace")) for f in train_workspace.rglob("log.txt"))
+
         deadline = time.monotonic() + TRAIN / 1000
-        while time.monotonic() < deadline and not any(resumed.search(f.read_text(errors="replace"))
-                                                      for f in train_workspace.rglob("log.txt")):
+        while not logged_resume() and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert any(resumed.search(f.read_text(errors="replace")) for f in train_workspace.rglob("log.txt"))
+        assert logged_resume(), "the second attempt's log never said it resumed from a checkpoint"
         expect(page.locator("#train-log textarea")).to_have_value(re.compile(r"checkpoint-\d+"), timeout=TRAIN)
         page.locator("#train-stop").click()
         expect(status).to_contain_text("stopped", timeout=TRAIN)
