@@ -153,7 +153,12 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # the shipped text-to-image model (base/) and the report's base figure are the epsilon one: the twin follows
         # its prompt's hair and outfit colours in 14.6 % of the report's 96 test prompts against 27.1 % (21.9 %
         # against 19.8 % at guidance 3); RetriNet starts from the twin (see RETRINET_STEPS), so the twin comes first
-        # in the plan: it starts as soon as the CLIP is done, on the build's longest chain (clip, twin, RetriNet)
+        # in the plan: it starts as soon as the CLIP is done, on the build's longest chain (clip, twin, RetriNet).
+        # Session 34: the base's recipe (12000 x 8 at 1.5e-3, 28 min) makes a better twin (56.5 % of the report's 384
+        # test prompts against this one's 39.3 %), but RetriNet -b on it reads its references' hair colour worse
+        # (the reconstructions 33.3 % against 52.1 %, compositions A's hair 37.5 % against 49.0 %) and their outfit
+        # colour better (65.6 / 71.9 % against 59.4 / 57.3 %), for 10 more minutes of the longest chain: kept as is
+        # (BENCHMARKS.md, "A better twin does not make a better RetriNet")
         Stage("base-zsnr", "training.train_text_to_image",
               [*text_to_image, "--prediction-type", "v_prediction", "--zero-terminal-snr", "--timestep-weighting",
                "uniform", *common("base-zsnr", 1500, 64, 1e-3, every=100)],
