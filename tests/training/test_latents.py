@@ -95,6 +95,26 @@ def test_demo_scene_draws_large_upright_full_figures_on_flat_backgrounds(tmp_pat
         generate(tmp_path / "bad", 4, size=64, scene="nope")
 
 
+def test_demo_cowboy_scene_frames_the_same_figures_from_the_head_down_at_a_larger_scale(tmp_path):
+    cowboy = generate(tmp_path / "cowboy", 40, seed=3, size=64, scene="demo-cowboy")
+    records, _ = read_annotations(cowboy)
+    full, _ = read_annotations(generate(tmp_path / "demo", 40, seed=3, size=64, scene="demo"))
+    assert [r["cluster"] for r in records] == [r["cluster"] for r in full]
+    truth = [r["truth"] for r in records]
+    assert {t["framing"] for t in truth} == {"full"} and {t["background"]["kind"] for t in truth} == {"flat"}
+    lo, hi = SCENES["demo-cowboy"].figure_height
+    assert all(lo * 64 <= t["figure_height"] <= hi * 64 for t in truth) and lo > 1
+    # cut below the waist, so tagged as such, never as a full body
+    assert all("cowboy_shot" in r["tags"] and "full_body" not in r["tags"] for r in records)
+    # the head is whole and inside the picture, and drawn about lo / 0.94 times as large as a full figure's
+    for r in records:
+        x0, y0, x1, y1 = r["face_bbox"]
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+    heights = [r["face_bbox"][3] - r["face_bbox"][1] for r in records]
+    full_heights = [r["face_bbox"][3] - r["face_bbox"][1] for r in full]
+    assert sum(heights) / sum(full_heights) == pytest.approx((lo + hi) / (0.9 + 0.98), rel=0.1)
+
+
 def test_neutral_prompts_name_no_identity(toybooru):
     records, _ = read_annotations(toybooru)
     rec = records[0]

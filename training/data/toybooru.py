@@ -12,11 +12,15 @@ legs, lean), position, scale, horizontal flip, background, and framing (full fig
 close-up, upside-down, head near the bottom; the last three exercise the paper's
 "y_max > 2/3 of the height" rule).
 
-``--scene demo`` draws every picture as a large, upright full figure on a flat background (the
-same characters, outfits and clusters; only the framing changes): what the demo family trains on,
-so that a 64 px picture shows the eyes and patterns that its 16 x 16 latents must keep.
+``--scene demo`` draws every picture as a large, upright full figure on a flat background, and
+``--scene demo-cowboy`` as an upright cowboy shot (head at the top, cut at the thighs: the figure
+about 1.4 times the picture's height) on a flat background; the same characters, outfits and
+clusters, only the framing changes. The demo family trains on the full figures. At 64 px a full
+figure's eyes are 2 pixels wide and its patterns 1 to 2 pixels fine, which a 16 x 16 latent loses;
+a cowboy shot draws both at about 1.5 times the size, the skirts still in the picture (BENCHMARKS.md,
+"Cowboy shots", has what a family built on them reads).
 
-Run ``python -m training.data.toybooru --out DIR --num-images N --seed S --size PX [--scene demo]``.
+Run ``python -m training.data.toybooru --out DIR --num-images N --seed S --size PX [--scene SCENE]``.
 The same arguments give byte-identical files.
 """
 
@@ -94,12 +98,15 @@ class Scene:
 
 
 # "danbooru": the full variety (odd framings, scenery, small figures), as the detector and the data
-# tools need it. "demo": every picture a large, upright full figure on a flat background, so that a
-# 64 px picture shows eyes and patterns a 16 x 16 latent can keep, and the demo family's tiny
-# models can learn identity (what the papers are about) rather than layout within a CPU budget.
+# tools need it. "demo": every picture a large, upright full figure on a flat background, so that the
+# demo family's tiny models can learn identity (what the papers are about) rather than layout within
+# a CPU budget: what the demo family trains on. "demo-cowboy": the same, framed from the head to the
+# thighs (a figure taller than the picture is placed with its top 2 to 3 % below the picture's), so
+# that a 64 px picture draws its eyes and patterns about 1.5 times as large.
 SCENES = {
     "danbooru": Scene(FRAMINGS, BACKGROUNDS, (0.62, 0.95), LEANS, (0.3, 0.7)),
     "demo": Scene({"full": 1.0}, ("flat",), (0.9, 0.98), (0.0,), (0.42, 0.58)),
+    "demo-cowboy": Scene({"full": 1.0}, ("flat",), (1.35, 1.45), (0.0,), (0.42, 0.58)),
 }
 _BINARY = [0] * 128 + [255] * 128  # threshold look-up table for masks
 
@@ -456,7 +463,8 @@ def _background(size: int, rng: random.Random, kind: str) -> tuple[Image.Image, 
     if rng.random() < 0.5:
         cx, cy = rng.uniform(0.1, 0.9) * s, rng.uniform(0.08, 0.35) * s
         for dx in (-0.06, 0.0, 0.06):
-            d.ellipse([cx + (dx - 0.06) * s, cy - 0.035 * s, cx + (dx + 0.06) * s, cy + 0.035 * s], fill=(255, 255, 255))
+            d.ellipse([cx + (dx - 0.06) * s, cy - 0.035 * s, cx + (dx + 0.06) * s, cy + 0.035 * s],
+                      fill=(255, 255, 255))
         extras.append("cloud")
     gcol = (120, 190, 90) if ground == "grass" else (232, 210, 160)
     d.rectangle([0, horizon * s, s, s], fill=gcol)
@@ -634,8 +642,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--size", type=int, default=128, help="picture side in pixels (square)")
     p.add_argument("--scene", choices=sorted(SCENES), default="danbooru",
-                   help="framing: 'danbooru' (every framing and background) or 'demo' (large upright figures on "
-                        "flat backgrounds, what the demo family is trained on)")
+                   help="framing: 'danbooru' (every framing and background), 'demo' (large upright full figures "
+                        "on flat backgrounds, what the demo family is trained on) or 'demo-cowboy' (upright cowboy "
+                        "shots on flat backgrounds)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Toybooru folder")
     return p.parse_args(argv)
 
