@@ -132,8 +132,8 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
     text_to_image = ["--vae", str(runs / "vae" / "vae"), "--text-encoder", str(runs / "clip" / "clip"), "--data",
                      str(data), "--resolution", "64", "--lr-warmup-steps", "20", "--cache-latents"]
     stages = [
-        # full figures. Session 35 built the whole family on cowboy shots (--scene demo-cowboy: eyes and patterns
-        # 1.5 times as large) in 1 h 28 min: the VAE keeps all four attributes on 27.7 % of its reconstructions
+        # full figures (--scene demo). Session 35 built the family on cowboy shots (--scene demo-cowboy: eyes and
+        # patterns 1.5 times as large) in 1 h 28 min: the VAE keeps all four attributes on 27.7 % of its reconstructions
         # (these: 5.5 %) and RetriNet reads its references' hair / outfit colour in 77.1 / 74.0 % of the
         # reconstructions (these: 52.1 / 59.4 %), but the base gets the outfit colour right in only 52.6 % of its
         # prompts (these: 89.8 %; it paints a two-piece outfit's main piece in the other piece's colour), so its
