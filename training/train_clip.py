@@ -5,7 +5,11 @@
 CLIP's symmetric InfoNCE loss (Radford et al., 2021; ``CLIPModel(return_loss=True)``) over the
 pictures of a RetriBooru-style folder and captions made from their tags, a random part of the
 tags left out of each caption (``--tag-dropout``) so short prompts also land near their
-pictures. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
+pictures. With ``--hard-negatives`` each caption also meets, as a negative for its own picture
+only, the same caption with the attribute words of two of its tags swapped ("green kimono, blue
+sash" against "blue kimono, green sash"): NegCLIP's swap negatives (Yuksekgonul et al., 2023,
+"When and why vision-language models behave like bags-of-words"), which a tower that reads its
+caption as a bag of words cannot rank below the truth. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
 from the folder's tag vocabulary (``pipelines.components.write_word_tokenizer``). The model,
 its tokenizer and an image processor that matches the training transform are saved to
 ``OUT/clip``, loadable with ``CLIPModel`` / ``CLIPProcessor.from_pretrained``.
@@ -16,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
+import zlib
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="a CLIPTokenizer folder (default: built from the tags)")
     p.add_argument("--clip-config", default=None, help="JSON file of CLIPConfig arguments (default: the demo's)")
     p.add_argument("--tag-dropout", type=float, default=0.2)
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="add to each picture's negatives its caption with two tags' attribute words swapped")
     add_training_arguments(p, learning_rate=5e-4, batch_size=128, max_train_steps=1000, checkpointing_steps=100)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
@@ -84,8 +93,54 @@ def tokenize_captions(tokenizer: CLIPTokenizer, captions: list[str]):
                      return_tensors="pt")
 
 
+def attribute_words(words: list[str], min_nouns: int = 3) -> frozenset[str]:
+    """The attribute words of a tag vocabulary (``caption_words``' list): the first words of its
+    two-word tags that come before at least ``min_nouns`` different nouns. On Toybooru: the colours,
+    ``plaid`` and ``striped``; not ``long`` (only ``long hair``) or ``arms`` (``arms up``)."""
+    nouns: dict[str, set[str]] = defaultdict(set)
+    for tag in words:
+        parts = tag.split()
+        if len(parts) == 2:
+            nouns[parts[0]].add(parts[1])
+    return frozenset(w for w, n in nouns.items() if len(n) >= min_nouns)
+
+
+def swap_attributes(caption: str, attributes: frozenset[str], rng: random.Random) -> str | None:
+    """``caption`` (comma-separated tags) with the attribute words of two of its two-word tags of
+    different attributes and different nouns swapped, a pair drawn by ``rng`` among those whose swap
+    names a tag the caption does not have; None when there is none (every swap of it is still true)."""
+    tags = caption.split(", ")
+    split = [t.split() for t in tags]
+    candidates = [i for i, w in enumerate(split) if len(w) == 2 and w[0] in attributes]
+    pairs = [(i, j) for n, i in enumerate(candidates) for j in candidates[n + 1:]
+             if split[i][0] != split[j][0] and split[i][1] != split[j][1]]
+    rng.shuffle(pairs)
+    for i, j in pairs:
+        swapped = list(tags)
+        swapped[i], swapped[j] = f"{split[j][0]} {split[i][1]}", f"{split[i][0]} {split[j][1]}"
+        if not set(swapped) <= set(tags):  # "red dress, blue skirt, blue dress, red skirt": every swap is true
+            return ", ".join(swapped)
+    return None
+
+
+def hard_negatives(captions: list[str], attributes: frozenset[str], seed: int) -> tuple[list[str], list[bool]]:
+    """Each caption's swap negative (``swap_attributes``, drawn from the caption and ``seed`` alone, so
+    a resumed run draws what the first did), the caption itself where it has none, and which are real."""
+    negatives, valid = [], []
+    for c in captions:
+        n = swap_attributes(c, attributes, random.Random(zlib.crc32(c.encode()) ^ seed))
+        negatives.append(c if n is None else n)
+        valid.append(n is not None)
+    return negatives, valid
+
+
 class ContrastiveLoss(torch.nn.Module):
-    """CLIP's loss on pictures in [-1, 1] and token ids, inside one ``forward`` (for DDP)."""
+    """CLIP's loss on pictures in [-1, 1] and token ids, inside one ``forward`` (for DDP).
+
+    With ``negatives`` (a boolean mask of length B): ``input_ids`` holds 2B captions, each
+    picture's own in the first B and its hard negative in the second, and the picture-to-text half
+    of the loss ranks each picture's caption among all 2B (the negatives that are not real masked
+    out); the text-to-picture half is CLIP's, over the first B captions."""
 
     def __init__(self, clip: CLIPModel, processor: CLIPImageProcessor):
         super().__init__()
@@ -93,9 +148,21 @@ class ContrastiveLoss(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
         x = ((pixels + 1) / 2 - self.mean) / self.std  # what CLIPImageProcessor does to a [0, 255] picture
-        return self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=x, return_loss=True).loss
+        if negatives is None:
+            return self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=x, return_loss=True).loss
+        b = pixels.shape[0]
+        if input_ids.shape[0] != 2 * b or negatives.shape != (b,):
+            raise ValueError(f"hard negatives need 2 x {b} captions and {b} flags, got {input_ids.shape[0]} and "
+                             f"{tuple(negatives.shape)}")
+        out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=x)
+        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=negatives.device), negatives.bool()])
+        logits = out.logits_per_image.masked_fill(~keep, float("-inf"))  # (B, 2B)
+        target = torch.arange(b, device=logits.device)
+        return (torch.nn.functional.cross_entropy(logits, target)
+                + torch.nn.functional.cross_entropy(out.logits_per_text[:b], target)) / 2
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,14 +188,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                  "train_batch_size": args.train_batch_size,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
     signature["clip"].pop("transformers_version", None)
+    if args.hard_negatives:
+        signature["hard_negatives"] = True
+        attributes = attribute_words(caption_words(args.data))
+        if not attributes:
+            raise ValueError(f"--hard-negatives: the tags of {args.data} have no attribute word to swap "
+                             "(no first word of three two-word tags)")
+        logger.info("hard negatives swap %d attribute words: %s", len(attributes), ", ".join(sorted(attributes)))
     model = ContrastiveLoss(clip, processor)
     model, optimizer, lr_scheduler = prepare_optimisation(accelerator, args, model)
     model.train()
 
     def loss_fn(batch):
-        tok = tokenize_captions(tokenizer, batch["caption"])
+        captions, negatives = batch["caption"], None
+        if args.hard_negatives:
+            swapped, valid = hard_negatives(captions, attributes, args.seed)
+            captions, negatives = [*captions, *swapped], torch.tensor(valid, device=accelerator.device)
+        tok = tokenize_captions(tokenizer, captions)
         return model(batch["pixel_values"].to(accelerator.device), tok.input_ids.to(accelerator.device),
-                     tok.attention_mask.to(accelerator.device))
+                     tok.attention_mask.to(accelerator.device), negatives)
 
     trainer = Trainer(accelerator, trainer_config(args), dataset, collate_images, [model], optimizer, lr_scheduler,
                       loss_fn, signature)

@@ -178,6 +178,74 @@ def test_face_masks_follow_the_picture_and_weigh_in_the_vae_loss(toybooru):
         parse_args(["--data", "d", "--output-dir", "o", "--face-loss-weight", "-1"])
 
 
+def test_attribute_words_are_the_first_words_of_three_two_word_tags():
+    from training.train_clip import attribute_words
+
+    words = ["red hair", "red dress", "red skirt", "blue dress", "blue skirt", "blue eyes", "plaid dress",
+             "plaid skirt", "plaid kimono", "long hair", "arms up", "arms at sides", "1girl", "polka dot dress"]
+    assert attribute_words(words) == {"red", "blue", "plaid"}
+    assert attribute_words(words, min_nouns=4) == frozenset()
+
+
+def test_swap_attributes_binds_each_word_to_the_other_tag_and_never_returns_the_caption():
+    import random
+
+    from training.train_clip import hard_negatives, swap_attributes
+
+    attrs = frozenset({"red", "blue", "green", "plaid"})
+    caption = "1girl, red hair, green kimono, blue sash, kimono, standing"
+    seen = {swap_attributes(caption, attrs, random.Random(s)) for s in range(40)}
+    assert seen == {"1girl, green hair, red kimono, blue sash, kimono, standing",
+                    "1girl, blue hair, green kimono, red sash, kimono, standing",
+                    "1girl, red hair, blue kimono, green sash, kimono, standing"}
+    # the same word on both tags, or the same noun, swap into the same caption: no negative
+    assert swap_attributes("1girl, red hair, red dress", attrs, random.Random(0)) is None
+    assert swap_attributes("red dress, plaid dress", attrs, random.Random(0)) is None
+    assert swap_attributes("1girl, standing", attrs, random.Random(0)) is None
+    # a swap that names only tags the caption has is no negative
+    assert swap_attributes("red dress, blue skirt, blue dress, red skirt", attrs, random.Random(0)) is None
+    negatives, valid = hard_negatives(["red hair, blue dress", "1girl", "red hair, blue dress"], attrs, seed=3)
+    assert negatives == ["blue hair, red dress", "1girl", "blue hair, red dress"] and valid == [True, False, True]
+
+
+def test_hard_negatives_loss_is_clips_without_them_and_larger_with_them(family, toybooru):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from training.train_clip import ContrastiveLoss, image_processor, tokenize_captions
+
+    folder = family["root"] / "clip" / "clip"
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    batch = collate_images([TaggedImages(toybooru, "train", 32, tag_dropout=0.0, seed=0)[i] for i in range(4)])
+    captions = batch["caption"]
+    model = ContrastiveLoss(CLIPModel.from_pretrained(folder), image_processor(32)).eval()
+    plain = tokenize_captions(tokenizer, captions)
+    both = tokenize_captions(tokenizer, captions + [c + ", 1girl" for c in captions])
+    with torch.no_grad():
+        clip_loss = model(batch["pixel_values"], plain.input_ids, plain.attention_mask).item()
+        masked = model(batch["pixel_values"], both.input_ids, both.attention_mask, torch.zeros(4, dtype=torch.bool))
+        used = model(batch["pixel_values"], both.input_ids, both.attention_mask, torch.ones(4, dtype=torch.bool))
+    assert masked.item() == pytest.approx(clip_loss, rel=1e-5)
+    assert used.item() > clip_loss + 1e-3  # every picture has one more wrong caption to rank below its own
+    with pytest.raises(ValueError, match="2 x 4 captions"):
+        model(batch["pixel_values"], plain.input_ids, plain.attention_mask, torch.ones(4, dtype=torch.bool))
+
+
+def test_clip_script_trains_with_hard_negatives_and_keeps_them_on_resume(toybooru, tmp_path):
+    from training import train_clip
+
+    (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
+    args = ["--data", str(toybooru), "--clip-config", str(tmp_path / "clip.json"), *shared(tmp_path / "run")]
+    result = train_clip.main(train_clip.parse_args([*args, "--hard-negatives"]))
+    assert result["global_step"] == 2 and (tmp_path / "run" / "clip" / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    # the objective is part of what a run resumes: a checkpoint of the plain loss does not go on with hard negatives
+    plain = ["--data", str(toybooru), "--clip-config", str(tmp_path / "clip.json"), *shared(tmp_path / "plain", 1)]
+    assert train_clip.main(train_clip.parse_args(plain))["global_step"] == 1
+    with pytest.raises(ValueError, match="hard_negatives: checkpoint None, now True"):
+        train_clip.main(train_clip.parse_args([*plain, "--max-train-steps", "2", "--resume-from-checkpoint", "latest",
+                                               "--hard-negatives"]))
+
+
 def test_clip_script_saves_model_processor_and_word_tokenizer(family, toybooru):
     from transformers import CLIPModel, CLIPProcessor
 
