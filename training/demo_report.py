@@ -266,7 +266,8 @@ def _colour_tag(rec: dict[str, Any], key: str) -> int | None:
 def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: random.Random,
                pictures: int = 200) -> dict[str, Any]:
     """How often the demo CLIP (a ``ClipScorer``) ranks a test picture's own caption first among the
-    same caption with the hair (eye, outfit) colour swapped for each colour Toybooru uses. The base
+    same caption with the hair (eye, outfit) colour swapped for each colour Toybooru uses, and
+    (``binding``) above the same caption with its two garment pieces' colours swapped. The base
     reads CLIP's text tower frozen: a colour this probe cannot tell apart, the base cannot follow."""
     if not test:
         raise ValueError("no test picture to probe CLIP with")
@@ -286,7 +287,29 @@ def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: ran
             right += best == rec["truth"][key]
             n += 1
         out[key] = {"right": right / n if n else 0.0, "pictures": n, "colours": len(colours)}
+    right = n = 0
+    for rec, image in zip(chosen, images):
+        swapped = _garment_colours_swapped(rec)
+        if swapped is None:
+            continue
+        own, other = clip.text_embeds([prompt_from_tags(rec["tags"]), prompt_from_tags(swapped)]) @ image
+        right += bool(own > other)  # a tie is no binding
+        n += 1
+    out["binding"] = {"right": right / n if n else 0.0, "pictures": n}
     return out
+
+
+def _garment_colours_swapped(rec: dict[str, Any]) -> list[str] | None:
+    """``rec``'s tags with the colours of its outfit's two pieces swapped ("green_kimono, blue_sash" to
+    "blue_kimono, green_sash"); None for a one-piece outfit or two pieces of one colour."""
+    a, b = rec["truth"].get("cloth_color"), rec["truth"].get("secondary_color")
+    cloth = set(rec.get("cloth_tags", ()))
+    first = [t for t in rec["tags"] if t in cloth and t.startswith(f"{a}_")]
+    second = [t for t in rec["tags"] if t in cloth and t.startswith(f"{b}_")]
+    if not a or not b or a == b or not first or not second:
+        return None
+    swap = {**{t: f"{b}_{t[len(a) + 1:]}" for t in first}, **{t: f"{a}_{t[len(b) + 1:]}" for t in second}}
+    return [swap.get(t, t) for t in rec["tags"]]
 
 
 def gap_samples(root: Path, seed: int, samples: int) -> dict[str, Any]:
@@ -674,6 +697,11 @@ def render(f: dict[str, Any]) -> str:
                   "| colour | own caption ranked first | chance |", "|---|---|---|",
                   *[f"| {name} | {_pct(c[key]['right'])} | {_pct(1 / c[key]['colours'])} |"
                     for key, name in PROBED.items() if key in c], ""]
+        if c.get("binding", {}).get("pictures"):
+            lines += [f"Each colour bound to its garment: for the {c['binding']['pictures']} of them in a two-piece outfit "
+                      "of two colours, the own caption ranks above the same caption with the two pieces' colours "
+                      f"swapped in **{_pct(c['binding']['right'])}** (chance 50 %). A CLIP that reads its caption as a bag "
+                      "of words cannot, and the base then paints either piece in either colour.", ""]
     b = f["base"]
     lines += ["## Base text-to-image model (full tag prompts)", "",
               f"Hair colour and outfit colour both right: **{_pct(b['hair_and_outfit_colour'])}** of {b['pictures']} "

@@ -1039,14 +1039,33 @@ def test_clip_probe_counts_the_captions_ranked_first(toybooru, toybooru_records)
     for key in ("hair_color", "eye_color", "cloth_color"):
         assert perfect[key]["right"] == 1.0 and perfect[key]["pictures"] > 0, key
         assert perfect[key]["colours"] == len({r["truth"][key] for r in toybooru_records}) > 1
+    assert perfect["binding"]["right"] == 1.0
+    two_piece = [r for r in random.Random(0).sample(test, min(10, len(test)))
+                 if r["truth"]["garment"] != "dress" and r["truth"]["cloth_color"] != r["truth"]["secondary_color"]]
+    assert perfect["binding"]["pictures"] == len(two_piece) > 0
     # a CLIP blind to text ranks every caption alike and so always picks the first colour
     blind = clip_probe(_WordClip(toybooru, test, blind=True), toybooru, toybooru_records, test, random.Random(0),
                        pictures=10)
     chosen = random.Random(0).sample(test, min(10, len(test)))
     first = min(r["truth"]["hair_color"] for r in toybooru_records)
     assert blind["hair_color"]["right"] == sum(r["truth"]["hair_color"] == first for r in chosen) / len(chosen) < 1
+    assert blind["binding"] == {"right": 0.0, "pictures": len(two_piece)}  # a tie binds nothing
     with pytest.raises(ValueError, match="no test picture"):
         clip_probe(_WordClip(toybooru, test), toybooru, toybooru_records, [], random.Random(0))
+
+
+def test_garment_colours_swap_the_two_pieces_and_nothing_else():
+    from training.demo_report import _garment_colours_swapped
+
+    rec = {"tags": ["1girl", "green_hair", "green_kimono", "plaid_kimono", "blue_sash", "kimono", "sash"],
+           "cloth_tags": ["green_kimono", "plaid_kimono", "blue_sash", "kimono", "sash"],
+           "truth": {"cloth_color": "green", "secondary_color": "blue"}}
+    assert _garment_colours_swapped(rec) == ["1girl", "green_hair", "blue_kimono", "plaid_kimono", "green_sash",
+                                             "kimono", "sash"]
+    one_colour = dict(rec, truth={"cloth_color": "green", "secondary_color": "green"})
+    dress = {"tags": ["red_dress", "dress"], "cloth_tags": ["red_dress", "dress"],
+             "truth": {"cloth_color": "red", "secondary_color": "blue"}}
+    assert _garment_colours_swapped(one_colour) is None and _garment_colours_swapped(dress) is None
 
 
 def test_the_reference_gap_batch_needs_two_test_samples(toybooru, monkeypatch):
