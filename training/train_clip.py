@@ -5,8 +5,8 @@
 CLIP's symmetric InfoNCE loss (Radford et al., 2021; ``CLIPModel(return_loss=True)``) over the
 pictures of a RetriBooru-style folder and captions made from their tags, a random part of the
 tags left out of each caption (``--tag-dropout``) so short prompts also land near their
-pictures. With ``--hard-negatives`` each caption also meets, as a negative for its own picture
-only, the same caption with the attribute words of two of its tags swapped ("green kimono, blue
+pictures. With ``--hard-negatives [K]`` each caption also meets, as negatives for its own picture
+only, K copies of it (default 1), each with the attribute words of another two of its tags swapped ("green kimono, blue
 sash" against "blue kimono, green sash"): NegCLIP's swap negatives (Yuksekgonul et al., 2023,
 "When and why vision-language models behave like bags-of-words"), which a tower that reads its
 caption as a bag of words cannot rank below the truth. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
@@ -46,13 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="a CLIPTokenizer folder (default: built from the tags)")
     p.add_argument("--clip-config", default=None, help="JSON file of CLIPConfig arguments (default: the demo's)")
     p.add_argument("--tag-dropout", type=float, default=0.2)
-    p.add_argument("--hard-negatives", action="store_true",
-                   help="add to each picture's negatives its caption with two tags' attribute words swapped")
+    p.add_argument("--hard-negatives", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="add to each picture's negatives K copies of its caption (1 if K is not given), each with "
+                        "the attribute words of two tags swapped (default: none)")
     add_training_arguments(p, learning_rate=5e-4, batch_size=128, max_train_steps=1000, checkpointing_steps=100)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
     if not 0 <= args.tag_dropout < 1:
         p.error("--tag-dropout must be in [0, 1)")
+    if args.hard_negatives < 0:
+        p.error("--hard-negatives must not be negative")
     return args
 
 
@@ -105,42 +108,47 @@ def attribute_words(words: list[str], min_nouns: int = 3) -> frozenset[str]:
     return frozenset(w for w, n in nouns.items() if len(n) >= min_nouns)
 
 
-def swap_attributes(caption: str, attributes: frozenset[str], rng: random.Random) -> str | None:
-    """``caption`` (comma-separated tags) with the attribute words of two of its two-word tags of
-    different attributes and different nouns swapped, a pair drawn by ``rng`` among those whose swap
-    names a tag the caption does not have; None when there is none (every swap of it is still true)."""
+def swap_attributes(caption: str, attributes: frozenset[str], rng: random.Random, count: int = 1) -> list[str]:
+    """Up to ``count`` copies of ``caption`` (comma-separated tags), each with the attribute words of
+    two of its two-word tags of different attributes and different nouns swapped, distinct pairs
+    drawn by ``rng`` among those whose swap names a tag the caption does not have (none when every
+    swap of it is still true)."""
     tags = caption.split(", ")
     split = [t.split() for t in tags]
     candidates = [i for i, w in enumerate(split) if len(w) == 2 and w[0] in attributes]
     pairs = [(i, j) for n, i in enumerate(candidates) for j in candidates[n + 1:]
              if split[i][0] != split[j][0] and split[i][1] != split[j][1]]
     rng.shuffle(pairs)
+    found: list[str] = []
     for i, j in pairs:
         swapped = list(tags)
         swapped[i], swapped[j] = f"{split[j][0]} {split[i][1]}", f"{split[i][0]} {split[j][1]}"
-        if not set(swapped) <= set(tags):  # "red dress, blue skirt, blue dress, red skirt": every swap is true
-            return ", ".join(swapped)
-    return None
+        # "red dress, blue skirt, blue dress, red skirt": every swap is true; two pairs may also swap alike
+        negative = ", ".join(swapped)
+        if not set(swapped) <= set(tags) and negative not in found:
+            found.append(negative)
+            if len(found) == count:
+                break
+    return found
 
 
-def hard_negatives(captions: list[str], attributes: frozenset[str], seed: int) -> tuple[list[str], list[bool]]:
-    """Each caption's swap negative (``swap_attributes``, drawn from the caption and ``seed`` alone, so
-    a resumed run draws what the first did), the caption itself where it has none, and which are real."""
-    negatives, valid = [], []
-    for c in captions:
-        n = swap_attributes(c, attributes, random.Random(zlib.crc32(c.encode()) ^ seed))
-        negatives.append(c if n is None else n)
-        valid.append(n is not None)
-    return negatives, valid
+def hard_negatives(captions: list[str], attributes: frozenset[str], seed: int,
+                   count: int = 1) -> tuple[list[str], list[list[bool]]]:
+    """``count`` swap negatives of each caption (``swap_attributes``, drawn from the caption and ``seed``
+    alone, so a resumed run draws what the first did) as ``count`` blocks of ``len(captions)``, the
+    caption itself where it has fewer, and (count, len(captions)) flags of which are real."""
+    drawn = [swap_attributes(c, attributes, random.Random(zlib.crc32(c.encode()) ^ seed), count) for c in captions]
+    negatives = [d[k] if k < len(d) else c for k in range(count) for c, d in zip(captions, drawn)]
+    return negatives, [[k < len(d) for d in drawn] for k in range(count)]
 
 
 class ContrastiveLoss(torch.nn.Module):
     """CLIP's loss on pictures in [-1, 1] and token ids, inside one ``forward`` (for DDP).
 
-    With ``negatives`` (a boolean mask of length B): ``input_ids`` holds 2B captions, each
-    picture's own in the first B and its hard negative in the second, and the picture-to-text half
-    of the loss ranks each picture's caption among all 2B (the negatives that are not real masked
-    out); the text-to-picture half is CLIP's, over the first B captions."""
+    With ``negatives`` (a boolean mask of K x B, or of B for K = 1): ``input_ids`` holds (1 + K)B
+    captions, the pictures' own in the first B and their k-th hard negatives in block k + 1, and the
+    picture-to-text half of the loss ranks each picture's caption among all (1 + K)B (the negatives
+    that are not real masked out); the text-to-picture half is CLIP's, over the first B captions."""
 
     def __init__(self, clip: CLIPModel, processor: CLIPImageProcessor):
         super().__init__()
@@ -154,12 +162,13 @@ class ContrastiveLoss(torch.nn.Module):
         if negatives is None:
             return self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=x, return_loss=True).loss
         b = pixels.shape[0]
-        if input_ids.shape[0] != 2 * b or negatives.shape != (b,):
-            raise ValueError(f"hard negatives need 2 x {b} captions and {b} flags, got {input_ids.shape[0]} and "
-                             f"{tuple(negatives.shape)}")
+        flags = negatives.reshape(1, -1) if negatives.dim() == 1 else negatives
+        if flags.dim() != 2 or flags.shape[1] != b or input_ids.shape[0] != (1 + flags.shape[0]) * b:
+            raise ValueError(f"hard negatives need (1 + K) x {b} captions and K x {b} flags, got "
+                             f"{input_ids.shape[0]} captions and flags of shape {tuple(negatives.shape)}")
         out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=x)
-        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=negatives.device), negatives.bool()])
-        logits = out.logits_per_image.masked_fill(~keep, float("-inf"))  # (B, 2B)
+        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=flags.device), flags.bool().flatten()])
+        logits = out.logits_per_image.masked_fill(~keep, float("-inf"))  # (B, (1 + K)B)
         target = torch.arange(b, device=logits.device)
         return (torch.nn.functional.cross_entropy(logits, target)
                 + torch.nn.functional.cross_entropy(out.logits_per_text[:b], target)) / 2
@@ -189,7 +198,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
     signature["clip"].pop("transformers_version", None)
     if args.hard_negatives:
-        signature["hard_negatives"] = True
+        signature["hard_negatives"] = args.hard_negatives
         attributes = attribute_words(caption_words(args.data))
         if not attributes:
             raise ValueError(f"--hard-negatives: the tags of {args.data} have no attribute word to swap "
@@ -202,7 +211,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     def loss_fn(batch):
         captions, negatives = batch["caption"], None
         if args.hard_negatives:
-            swapped, valid = hard_negatives(captions, attributes, args.seed)
+            swapped, valid = hard_negatives(captions, attributes, args.seed, args.hard_negatives)
             captions, negatives = [*captions, *swapped], torch.tensor(valid, device=accelerator.device)
         tok = tokenize_captions(tokenizer, captions)
         return model(batch["pixel_values"].to(accelerator.device), tok.input_ids.to(accelerator.device),

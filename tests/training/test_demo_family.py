@@ -194,18 +194,30 @@ def test_swap_attributes_binds_each_word_to_the_other_tag_and_never_returns_the_
 
     attrs = frozenset({"red", "blue", "green", "plaid"})
     caption = "1girl, red hair, green kimono, blue sash, kimono, standing"
-    seen = {swap_attributes(caption, attrs, random.Random(s)) for s in range(40)}
-    assert seen == {"1girl, green hair, red kimono, blue sash, kimono, standing",
-                    "1girl, blue hair, green kimono, red sash, kimono, standing",
-                    "1girl, red hair, blue kimono, green sash, kimono, standing"}
+    every = {"1girl, green hair, red kimono, blue sash, kimono, standing",
+             "1girl, blue hair, green kimono, red sash, kimono, standing",
+             "1girl, red hair, blue kimono, green sash, kimono, standing"}
+    assert {swap_attributes(caption, attrs, random.Random(s))[0] for s in range(40)} == every
+    # more than one: distinct swaps, as many as there are
+    two = swap_attributes(caption, attrs, random.Random(0), count=2)
+    assert len(two) == len(set(two)) == 2 and set(two) < every
+    assert set(swap_attributes(caption, attrs, random.Random(0), count=5)) == every
     # the same word on both tags, or the same noun, swap into the same caption: no negative
-    assert swap_attributes("1girl, red hair, red dress", attrs, random.Random(0)) is None
-    assert swap_attributes("red dress, plaid dress", attrs, random.Random(0)) is None
-    assert swap_attributes("1girl, standing", attrs, random.Random(0)) is None
+    assert swap_attributes("1girl, red hair, red dress", attrs, random.Random(0)) == []
+    assert swap_attributes("red dress, plaid dress", attrs, random.Random(0)) == []
+    assert swap_attributes("1girl, standing", attrs, random.Random(0)) == []
     # a swap that names only tags the caption has is no negative
-    assert swap_attributes("red dress, blue skirt, blue dress, red skirt", attrs, random.Random(0)) is None
-    negatives, valid = hard_negatives(["red hair, blue dress", "1girl", "red hair, blue dress"], attrs, seed=3)
-    assert negatives == ["blue hair, red dress", "1girl", "blue hair, red dress"] and valid == [True, False, True]
+    assert swap_attributes("red dress, blue skirt, blue dress, red skirt", attrs, random.Random(0), count=3) == []
+    captions = ["red hair, blue dress", "1girl", "red hair, blue dress, green eyes"]
+    negatives, valid = hard_negatives(captions, attrs, seed=3)
+    assert negatives[:2] == ["blue hair, red dress", "1girl"] and valid == [[True, False, True]]
+    assert negatives[2] in {"blue hair, red dress, green eyes", "green hair, blue dress, red eyes",
+                            "red hair, green dress, blue eyes"}
+    # two each: block k holds every caption's k-th negative, the caption itself where it has no k-th
+    negatives, valid = hard_negatives(captions, attrs, seed=3, count=2)
+    assert len(negatives) == 6 and valid == [[True, False, True], [False, False, True]]
+    assert negatives[3:5] == ["red hair, blue dress", "1girl"] and negatives[5] != negatives[2]
+    assert hard_negatives(captions, attrs, seed=3, count=2) == (negatives, valid)  # drawn alike on resume
 
 
 def test_hard_negatives_loss_is_clips_without_them_and_larger_with_them(family, toybooru):
@@ -224,10 +236,18 @@ def test_hard_negatives_loss_is_clips_without_them_and_larger_with_them(family, 
         clip_loss = model(batch["pixel_values"], plain.input_ids, plain.attention_mask).item()
         masked = model(batch["pixel_values"], both.input_ids, both.attention_mask, torch.zeros(4, dtype=torch.bool))
         used = model(batch["pixel_values"], both.input_ids, both.attention_mask, torch.ones(4, dtype=torch.bool))
+        three = tokenize_captions(tokenizer, captions + [c + ", 1girl" for c in captions]
+                                  + [c + ", solo" for c in captions])
+        one_of_two = model(batch["pixel_values"], three.input_ids, three.attention_mask,
+                           torch.tensor([[True] * 4, [False] * 4]))
+        two = model(batch["pixel_values"], three.input_ids, three.attention_mask, torch.ones(2, 4, dtype=torch.bool))
     assert masked.item() == pytest.approx(clip_loss, rel=1e-5)
     assert used.item() > clip_loss + 1e-3  # every picture has one more wrong caption to rank below its own
-    with pytest.raises(ValueError, match="2 x 4 captions"):
+    assert one_of_two.item() == pytest.approx(used.item(), rel=1e-5) and two.item() > used.item() + 1e-3
+    with pytest.raises(ValueError, match=r"\(1 \+ K\) x 4 captions"):
         model(batch["pixel_values"], plain.input_ids, plain.attention_mask, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="flags of shape"):
+        model(batch["pixel_values"], three.input_ids, three.attention_mask, torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_clip_script_trains_with_hard_negatives_and_keeps_them_on_resume(toybooru, tmp_path):
@@ -235,13 +255,17 @@ def test_clip_script_trains_with_hard_negatives_and_keeps_them_on_resume(toyboor
 
     (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
     args = ["--data", str(toybooru), "--clip-config", str(tmp_path / "clip.json"), *shared(tmp_path / "run")]
-    result = train_clip.main(train_clip.parse_args([*args, "--hard-negatives"]))
+    assert train_clip.parse_args([*args, "--hard-negatives"]).hard_negatives == 1
+    assert train_clip.parse_args(args).hard_negatives == 0
+    with pytest.raises(SystemExit):
+        train_clip.parse_args([*args, "--hard-negatives", "-1"])
+    result = train_clip.main(train_clip.parse_args([*args, "--hard-negatives", "2"]))
     assert result["global_step"] == 2 and (tmp_path / "run" / "clip" / "model.safetensors").is_file()
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     # the objective is part of what a run resumes: a checkpoint of the plain loss does not go on with hard negatives
     plain = ["--data", str(toybooru), "--clip-config", str(tmp_path / "clip.json"), *shared(tmp_path / "plain", 1)]
     assert train_clip.main(train_clip.parse_args(plain))["global_step"] == 1
-    with pytest.raises(ValueError, match="hard_negatives: checkpoint None, now True"):
+    with pytest.raises(ValueError, match="hard_negatives: checkpoint None, now 1"):
         train_clip.main(train_clip.parse_args([*plain, "--max-train-steps", "2", "--resume-from-checkpoint", "latest",
                                                "--hard-negatives"]))
 
