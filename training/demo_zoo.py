@@ -137,7 +137,10 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # (these: 5.5 %) and RetriNet reads its references' hair / outfit colour in 77.1 / 74.0 % of the
         # reconstructions (these: 52.1 / 59.4 %), but the base gets the outfit colour right in only 52.6 % of its
         # prompts (these: 89.8 %; it paints a two-piece outfit's main piece in the other piece's colour), so its
-        # figure falls from 82.3 % to 52.6 % under its 80 % goal: not adopted (BENCHMARKS.md, "Cowboy shots")
+        # figure falls from 82.3 % to 52.6 % under its 80 % goal: not adopted (BENCHMARKS.md, "Cowboy shots").
+        # Session 36: swap hard negatives in the CLIP (train_clip --hard-negatives) bind the two garment colours on
+        # 73.9 % of the cowboy shots' two-piece test pictures instead of 62.5 % (these: 83.2 %), and the base on that
+        # CLIP reaches 67.4 %: still under the goal (BENCHMARKS.md, "Hard negatives for the cowboy CLIP")
         Stage("data", "training.data.toybooru",
               ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64", "--scene", "demo"],
               lambda: (data / "annotations.jsonl").is_file(), minutes=0.25),
