@@ -140,7 +140,8 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # figure falls from 82.3 % to 52.6 % under its 80 % goal: not adopted (BENCHMARKS.md, "Cowboy shots").
         # Session 36: swap hard negatives in the CLIP (train_clip --hard-negatives) bind the two garment colours on
         # 73.9 % of the cowboy shots' two-piece test pictures instead of 62.5 % (these: 83.2 %), and the base on that
-        # CLIP reaches 67.4 %: still under the goal (BENCHMARKS.md, "Hard negatives for the cowboy CLIP")
+        # CLIP reaches 67.4 %: still under the goal; four negatives a caption bind 80.8 %, with no base trained on them
+        # yet (BENCHMARKS.md, "Hard negatives for the cowboy CLIP")
         Stage("data", "training.data.toybooru",
               ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64", "--scene", "demo"],
               lambda: (data / "annotations.jsonl").is_file(), minutes=0.25),
