@@ -6,10 +6,11 @@ CLIP's symmetric InfoNCE loss (Radford et al., 2021; ``CLIPModel(return_loss=Tru
 pictures of a RetriBooru-style folder and captions made from their tags, a random part of the
 tags left out of each caption (``--tag-dropout``) so short prompts also land near their
 pictures. With ``--hard-negatives [K]`` each caption also meets, as negatives for its own picture
-only, K copies of it (default 1), each with the attribute words of another two of its tags swapped ("green kimono, blue
-sash" against "blue kimono, green sash"): NegCLIP's swap negatives (Yuksekgonul et al., 2023,
-"When and why vision-language models behave like bags-of-words"), which a tower that reads its
-caption as a bag of words cannot rank below the truth. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
+only, K copies of it (1 when K is not given), each with the attribute words of a different pair of
+its tags swapped ("green kimono, blue sash" against "blue kimono, green sash"): NegCLIP's swap
+negatives (Yuksekgonul et al., 2023, "When and why vision-language models behave like
+bags-of-words"), which a tower that reads its caption as a bag of words cannot rank below the
+truth. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
 from the folder's tag vocabulary (``pipelines.components.write_word_tokenizer``). The model,
 its tokenizer and an image processor that matches the training transform are saved to
 ``OUT/clip``, loadable with ``CLIPModel`` / ``CLIPProcessor.from_pretrained``.
