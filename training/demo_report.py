@@ -698,10 +698,11 @@ def render(f: dict[str, Any]) -> str:
                   *[f"| {name} | {_pct(c[key]['right'])} | {_pct(1 / c[key]['colours'])} |"
                     for key, name in PROBED.items() if key in c], ""]
         if c.get("binding", {}).get("pictures"):
-            lines += [f"Each colour bound to its garment: for the {c['binding']['pictures']} of them in a two-piece outfit "
-                      "of two colours, the own caption ranks above the same caption with the two pieces' colours "
-                      f"swapped in **{_pct(c['binding']['right'])}** (chance 50 %). A CLIP that reads its caption as a bag "
-                      "of words cannot, and the base then paints either piece in either colour.", ""]
+            n, right = c["binding"]["pictures"], _pct(c["binding"]["right"])
+            lines += [f"Each colour bound to its garment: for the {n} of them in a two-piece outfit of two colours, "
+                      "the own caption ranks above the same caption with the two pieces' colours swapped in "
+                      f"**{right}** (chance 50 %). A CLIP that reads its caption as a bag of words cannot, and the "
+                      "base then paints either piece in either colour.", ""]
     b = f["base"]
     lines += ["## Base text-to-image model (full tag prompts)", "",
               f"Hair colour and outfit colour both right: **{_pct(b['hair_and_outfit_colour'])}** of {b['pictures']} "
