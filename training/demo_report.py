@@ -303,10 +303,12 @@ def _garment_colours_swapped(rec: dict[str, Any]) -> list[str] | None:
     """``rec``'s tags with the colours of its outfit's two pieces swapped ("green_kimono, blue_sash" to
     "blue_kimono, green_sash"); None for a one-piece outfit or two pieces of one colour."""
     a, b = rec["truth"].get("cloth_color"), rec["truth"].get("secondary_color")
+    if not a or not b or a == b:
+        return None
     cloth = set(rec.get("cloth_tags", ()))
     first = [t for t in rec["tags"] if t in cloth and t.startswith(f"{a}_")]
     second = [t for t in rec["tags"] if t in cloth and t.startswith(f"{b}_")]
-    if not a or not b or a == b or not first or not second:
+    if not first or not second:
         return None
     swap = {**{t: f"{b}_{t[len(a) + 1:]}" for t in first}, **{t: f"{a}_{t[len(b) + 1:]}" for t in second}}
     return [swap.get(t, t) for t in rec["tags"]]

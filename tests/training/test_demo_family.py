@@ -1090,6 +1090,8 @@ def test_garment_colours_swap_the_two_pieces_and_nothing_else():
     dress = {"tags": ["red_dress", "dress"], "cloth_tags": ["red_dress", "dress"],
              "truth": {"cloth_color": "red", "secondary_color": "blue"}}
     assert _garment_colours_swapped(one_colour) is None and _garment_colours_swapped(dress) is None
+    one_piece = dict(rec, truth={"cloth_color": "green", "secondary_color": None})
+    assert _garment_colours_swapped(one_piece) is None
 
 
 def test_the_reference_gap_batch_needs_two_test_samples(toybooru, monkeypatch):
