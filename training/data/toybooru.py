@@ -15,7 +15,8 @@ close-up, upside-down, head near the bottom; the last three exercise the paper's
 ``--scene demo`` draws every picture as a large, upright full figure on a flat background, and
 ``--scene demo-cowboy`` as an upright cowboy shot (head at the top, cut at the thighs: the figure
 about 1.4 times the picture's height) on a flat background; the same characters, outfits and
-clusters, only the framing changes. The demo family trains on the full figures. At 64 px a full
+clusters, only the framing changes. The demo family trains on the cowboy shots (v10 and earlier on the
+full figures). At 64 px a full
 figure's eyes are 2 pixels wide and its patterns 1 to 2 pixels fine, which a 16 x 16 latent loses;
 a cowboy shot draws both at about 1.5 times the size, the skirts still in the picture (BENCHMARKS.md,
 "Cowboy shots", has what a family built on them reads).
@@ -100,9 +101,9 @@ class Scene:
 # "danbooru": the full variety (odd framings, scenery, small figures), as the detector and the data
 # tools need it. "demo": every picture a large, upright full figure on a flat background, so that the
 # demo family's tiny models can learn identity (what the papers are about) rather than layout within
-# a CPU budget: what the demo family trains on. "demo-cowboy": the same, framed from the head to the
-# thighs (a figure taller than the picture is placed with its top 2 to 3 % below the picture's), so
-# that a 64 px picture draws its eyes and patterns about 1.5 times as large.
+# a CPU budget (what the demo family trained on up to v10). "demo-cowboy": the same, framed from the head to
+# the thighs (a figure taller than the picture is placed with its top 2 to 3 % below the picture's), so
+# that a 64 px picture draws its eyes and patterns about 1.5 times as large: what it trains on since v11.
 SCENES = {
     "danbooru": Scene(FRAMINGS, BACKGROUNDS, (0.62, 0.95), LEANS, (0.3, 0.7)),
     "demo": Scene({"full": 1.0}, ("flat",), (0.9, 0.98), (0.0,), (0.42, 0.58)),
@@ -643,8 +644,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=128, help="picture side in pixels (square)")
     p.add_argument("--scene", choices=sorted(SCENES), default="danbooru",
                    help="framing: 'danbooru' (every framing and background), 'demo' (large upright full figures "
-                        "on flat backgrounds, what the demo family is trained on) or 'demo-cowboy' (upright cowboy "
-                        "shots on flat backgrounds)")
+                        "on flat backgrounds) or 'demo-cowboy' (upright cowboy shots on flat backgrounds, what the "
+                        "demo family is trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Toybooru folder")
     return p.parse_args(argv)
 
