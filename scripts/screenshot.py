@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a selector that must be visible first (default: text=similar on the Data tab)")
     p.add_argument("--next", type=int, default=0, help="click the Next button this many times first")
     p.add_argument("--character", default="kimara_samasa", help="compose: the example character to drop")
-    p.add_argument("--prompt", default="1girl, full_body, smiling", help="compose: the prompt")
+    p.add_argument("--prompt", default="1girl, cowboy_shot, smiling", help="compose: the prompt")
     p.add_argument("--seed", type=int, default=0, help="compose: the seed, so that the picture can be made again")
     p.add_argument("--steps", type=int, default=None, help="compose: denoising steps (default: the tab's)")
     p.add_argument("--guidance", default="3, 5, 7", help="sweep: guidance values")
