@@ -164,7 +164,8 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # that the text tower binds each colour to its garment: on the 2274 two-piece test pictures of the cowboy
         # shots it scores the own caption above the garment-swapped one in 80.8 % (no negatives: 62.5 %; one: 73.9 %;
         # v10's CLIP on full figures: 83.2 %), and the base on it follows hair and outfit colour in 79.2 % of the
-        # report's prompts (no negatives: 52.6 %; one: 67.4 %), for a step 2.1 times as long (one: 1.27 times).
+        # report's prompts before its average of the weights (no negatives: 52.6 %; one: 67.4 %), for a step 2.1
+        # times as long (one: 1.27 times).
         # 2000 steps: after 400 the CLIP told a picture's caption from the same caption with another hair colour
         # only 21 % of the time (another outfit colour: 68 %), and the base, which reads its frozen text tower,
         # cannot follow what the tower does not tell apart; about 95 % and 97 % after 2000, and the base trained on it
