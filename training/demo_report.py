@@ -394,13 +394,14 @@ def final_step(run: Path) -> int | None:
 
 def matched_checkpoints(work: Path, like) -> dict[str, Any]:
     """-b and -a at the same step when -a has not finished or ran fewer steps: their last common checkpoint, made
-    into pipelines (``training.export``, cached in ``WORK/report-models``) with the VAE and
-    scheduler of ``like``; named "b at step N" and "a at step N". Empty if there is none."""
+    into pipelines (``training.export``, cached in ``WORK/report-models`` under the digest of the checkpoint's
+    weights, so a run trained again is exported again) with the VAE and scheduler of ``like``; named "b at step N"
+    and "a at step N". Empty if there is none."""
     from pipelines.retrinet import RetriNetPipeline
     from training.checkpoints import list_checkpoints
-    from training.demo_zoo import RETRINET_BASE
+    from training.demo_zoo import RETRINET_BASE, sha256
     from training.export import export_retrinet
-    from training.files import replacing_folder
+    from training.files import replacing_folder, write_text
 
     runs = work / "runs"
     b, a = dict(list_checkpoints(runs / "retrinet")), dict(list_checkpoints(runs / "retrinet-a"))
@@ -411,9 +412,13 @@ def matched_checkpoints(work: Path, like) -> dict[str, Any]:
     pipes = {}
     for name, checkpoint in (("b", b[step]), ("a", a[step])):
         folder = work / "report-models" / f"retrinet-{name}-step-{step}"
-        if not (folder / "model_index.json").is_file():
+        source = json.dumps({"checkpoint": str(checkpoint), "weights": {
+            w.name: sha256(w) for w in sorted(Path(checkpoint).glob("model*.safetensors"))}}, indent=1)
+        cached = folder / "source.json"
+        if not ((folder / "model_index.json").is_file() and cached.is_file() and cached.read_text() == source):
             with replacing_folder(folder) as tmp:
                 export_retrinet(checkpoint, str(runs / RETRINET_BASE / "pipeline"), tmp)
+                write_text(tmp / "source.json", source)
         pipe = RetriNetPipeline.from_pretrained(folder, vae=like.vae, scheduler=like.scheduler)
         pipe.set_progress_bar_config(disable=True)
         pipes[f"{name} at step {step}"] = pipe

@@ -1019,6 +1019,20 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     exported = matched["a at step 1"].retrinet.state_dict()  # the checkpoint of step 1 is the final model
     assert set(exported) == set(final_a) and all(torch.equal(exported[k], v) for k, v in final_a.items())
     assert matched["b at step 1"].vae is like.vae and (work / "report-models" / "retrinet-a-step-1").is_dir()
+    # the exports are cached; a run trained again (other weights at the same step) is exported again, not read
+    # from the cache of the run before it
+    from safetensors.torch import load_file, save_file
+
+    from training.checkpoints import list_checkpoints
+
+    checkpoint = dict(list_checkpoints(runs / "retrinet-a"))[1]
+    for path in checkpoint.glob("model*.safetensors"):
+        weights = load_file(path)
+        save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, path)
+    again = demo_report.matched_checkpoints(work, like)["a at step 1"].retrinet.state_dict()
+    assert all(torch.equal(again[k], v + 1) for k, v in final_a.items())
+    cached = demo_report.matched_checkpoints(work, like)["a at step 1"].retrinet.state_dict()
+    assert all(torch.equal(cached[k], again[k]) for k in again)
 
 
 class _WordClip:
