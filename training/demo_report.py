@@ -222,7 +222,7 @@ def base_figures(base, judge, root: Path, chosen: list[dict], seed: int, guidanc
     if report_dir is not None:
         grid([[open_record(root, r)[0], im] for r, im in zip(chosen[:8], images[:8])], report_dir / "base.png")
     return {"pictures": len(chosen), "hair_and_outfit_colour": rate(pred, truths, ("hair_color", "cloth_color")),
-            **per_attribute(pred, truths, ("hair_color", "cloth_color", "hair_style", "pattern"))}
+            **per_attribute(pred, truths, ("hair_color", "eye_color", "cloth_color", "hair_style", "pattern"))}
 
 
 @torch.no_grad()
@@ -714,8 +714,10 @@ def render(f: dict[str, Any]) -> str:
     lines += ["## Base text-to-image model (full tag prompts)", "",
               f"Hair colour and outfit colour both right: **{_pct(b['hair_and_outfit_colour'])}** of {b['pictures']} "
               f"(standard error {_pct(_stderr(b['hair_and_outfit_colour'], b['pictures']))}; goal 80 %); "
-              f"hair colour {_pct(b['hair_color'])}, outfit colour {_pct(b['cloth_color'])}, "
-              f"hair style {_pct(b['hair_style'])}, pattern {_pct(b['pattern'])}.", "",
+              f"hair colour {_pct(b['hair_color'])}, eye colour {_pct(b['eye_color'])}, outfit colour "
+              f"{_pct(b['cloth_color'])}, hair style {_pct(b['hair_style'])}, pattern {_pct(b['pattern'])}. What the "
+              "family's UNet, sampler and VAE can draw when told: RetriNet's eye colours and patterns below are "
+              "read from its references alone.", "",
               "![base](report/base.png)", ""]
     r = f["reconstruction"]
     lines += ["## RetriNet: reconstruction (4 figure references of one character in one outfit)", "",

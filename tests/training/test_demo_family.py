@@ -985,6 +985,7 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert "| another target's (control) | " in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert f"of {figures['base']['pictures']} (standard error " in report
+    assert f"eye colour {demo_report._pct(figures['base']['eye_color'])}, outfit colour" in report
     assert (out / "report" / "composition-in.png").is_file() and (out / "report" / "base.png").is_file()
 
     # a candidate judged alone draws the report's sets and noise: the shipped pipeline scores the report's figures
