@@ -791,7 +791,8 @@ def render(f: dict[str, Any]) -> str:
         lines += ["### The gap while training", "",
                   "The same measure, taken by each run as it trained (`--validation-steps`, on "
                   f"{' / '.join(map(str, samples)) or 'a few'} test samples, so noisier; `validation/reference_gap.jsonl` "
-                  "of the run): how fast each setting learns to read its references.", "",
+                  "of the run), on the run's own loss (its `--face-loss-weight`; the table above weighs the face as the "
+                  "seeds do, 0.1, for every model): how fast each setting learns to read its references.", "",
                   "| step | " + " | ".join(f"-{n}" for n in by_step) + " |", "|---|" + "---|" * len(by_step)]
         for k in shown:
             lines.append(f"| {k} | " + " | ".join(f"{100 * c[k]:.2f} %" if k in c else "-" for c in by_step.values())
