@@ -108,7 +108,8 @@ RETRINET_HEADS = 2
 # reads its references' eye colour in 29.2 % of the report's reconstructions (v11: 7.3 %), hair colour in 90.6 %
 # (78.1 %) and outfit colour in 79.2 % (72.9 %); compositions take A's eyes in 46.9 % (19.8 %) and all four in
 # 11.5 % (3.1 %). At step 1500, against v11's own checkpoint of that step, 1 and 3 lifted the hair colour (30.2 %
-# to 51.0 and 63.5 %), not yet the eyes (BENCHMARKS.md, "v12, shipped")
+# to 51.0 and 63.5 %), not yet the eyes; 10, at 6000 steps, read the face as 3 does and lost the outfit colour
+# (compositions 53.1 % against 74.0 %) (BENCHMARKS.md, "The face in RetriNet's loss" and "v12, shipped")
 RETRINET_FACE_WEIGHT = 3.0
 BASE_STEPS, BASE_BATCH, BASE_LR = 12000, 8, 1.5e-3  # the shipped text-to-image model's
 # v11 ships the base's average of the weights (diffusers' EMAModel, train_text_to_image --use-ema): on the cowboy shots'
