@@ -336,7 +336,9 @@ class Trainer:
             return 0
         saved = read_state(checkpoint)
         mine, theirs = _comparable(self.state.signature), _comparable(saved.signature)
-        mismatched = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        # either side's keys: a setting only some runs record (the EMA's decay, a VAE's discriminator) must not be
+        # dropped silently by a run without it
+        mismatched = {k: (theirs.get(k), mine.get(k)) for k in {**theirs, **mine} if theirs.get(k) != mine.get(k)}
         if mismatched:
             details = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"checkpoint {checkpoint} does not fit this run ({details})")

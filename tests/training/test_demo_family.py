@@ -418,6 +418,11 @@ def test_use_ema_ends_on_diffusers_average_of_the_checkpoints_and_resumes_it(fam
                                                                                         "checkpoint-4", "pipeline"))
     with pytest.raises(ValueError, match="ema_decay"):
         run("mixed", ema)
+    # nor one trained with it without it (the average would be dropped silently)
+    shutil.copytree(tmp_path / "ema", tmp_path / "dropped", ignore=shutil.ignore_patterns("checkpoint-3",
+                                                                                          "checkpoint-4", "pipeline"))
+    with pytest.raises(ValueError, match="ema_decay: checkpoint 0.5, now None"):
+        run("dropped", common)
     with pytest.raises(SystemExit):
         train_text_to_image.parse_args([*common, "--use-ema", "--ema-decay", "1", *shared(tmp_path / "bad")])
 
