@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--retrieval-positions", action="store_true",
                    help="a new RetriNet adds a 2D position embedding to its cross-attentions' queries and keys (not "
                         "in the seeds' code; RetriNetModel's retrieval_positions)")
+    g.add_argument("--retrieval-max-keys", type=int, default=None,
+                   help="a new RetriNet average-pools each reference's features to at most this many places per "
+                        "skip before attending to them (PixArt-Sigma's key compression; not in the seeds' code; "
+                        "RetriNetModel's retrieval_max_keys): the largest skips' cross-attention costs 4 times "
+                        "less per halving")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="a RetriBooru-style folder (annotations.jsonl, images/, masks/)")
     g.add_argument("--split", default="train", help="split to train on ('none': every record)")
@@ -138,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "checkpointing_steps", "restart_steps", "logging_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.retrieval_max_keys is not None and args.retrieval_max_keys < 1:
+        p.error("--retrieval-max-keys must be at least 1")
     if not 0 <= args.prompt_dropout <= 1:
         p.error("--prompt-dropout must be between 0 and 1")
     if args.face_loss_weight < 0:
@@ -516,10 +523,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"the RetriNet in {args.retrinet} was built for another UNet")
         if args.retrieval_positions and not retrinet.config.retrieval_positions:
             raise ValueError(f"--retrieval-positions: the RetriNet in {args.retrinet} was trained without them")
+        if args.retrieval_max_keys is not None and args.retrieval_max_keys != retrinet.config.retrieval_max_keys:
+            raise ValueError(f"--retrieval-max-keys {args.retrieval_max_keys}: the RetriNet in {args.retrinet} was "
+                             f"trained with {retrinet.config.retrieval_max_keys}")
     else:
         retrinet = RetriNetModel.from_unet(unet, retrieval_attention_heads=args.retrieval_attention_heads,
                                            max_references=args.max_references,
-                                           retrieval_positions=args.retrieval_positions)
+                                           retrieval_positions=args.retrieval_positions,
+                                           retrieval_max_keys=args.retrieval_max_keys)
     params = retrinet.set_training_mode(unet, LOCKS[args.lock])
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)

@@ -11,7 +11,11 @@ RetriNet (seed 000, Sec. 3 and Fig. 2; seed 001, Sec. 5.1; DESIGN.md "RetriNet, 
    where ``CCA_i`` is a ``ControlCrossAttention`` over all N references of the sample;
    ``retrieval_positions`` (off by default; not in the seeds' code) adds a fixed 2D sin-cos
    embedding of each token's place to the queries and keys, so that a query can find its own
-   place in the references even when the noisy target shows nothing there;
+   place in the references even when the noisy target shows nothing there; ``retrieval_max_keys``
+   (off by default; not in the seeds' code) average-pools each reference's features, by halves, to
+   at most that many places before they are attended to, as PixArt-Sigma compresses its keys and
+   values: a skip of H x W queries over N references of H x W keys costs N (HW)^2, so the largest
+   skips of a UNet on a larger latent cost the most, and pooled keys cut that by 4 per halving;
 4. the base decoder reads the injected features.
 
 The zero convolutions make RetriNet exactly the base model at initialisation.
@@ -30,6 +34,7 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.controlnets.controlnet import zero_module
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
@@ -87,6 +92,14 @@ def _positions(height: int, width: int, channels: int) -> torch.Tensor:
     return get_2d_sincos_pos_embed(channels, (height, width), base_size=16, output_type="pt").float()
 
 
+def _pool_to(features: torch.Tensor, places: int) -> torch.Tensor:
+    """``features`` (R, C, h, w) average-pooled by halves until h * w is at most ``places`` (or a side is odd)."""
+    while features.shape[-2] * features.shape[-1] > places and features.shape[-2] % 2 == 0 \
+            and features.shape[-1] % 2 == 0:
+        features = F.avg_pool2d(features, 2)
+    return features
+
+
 def _heads(channels: int, wanted: int) -> int:
     """The largest number of heads not above ``wanted`` that divides ``channels``."""
     return max(h for h in range(1, max(1, wanted) + 1) if channels % h == 0)
@@ -130,6 +143,7 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         retrieval_attention_heads: int = 8,  # heads of each ControlCrossAttention (fewer if C is not divisible)
         max_references: int = 8,  # references one sample may carry
         retrieval_positions: bool = False,  # a 2D position embedding on the cross-attentions' queries and keys
+        retrieval_max_keys: int | None = None,  # each reference's places per skip, average-pooled down to at most this
     ):
         super().__init__()
         n_blocks = len(down_block_types)
@@ -140,6 +154,8 @@ class RetriNetModel(ModelMixin, ConfigMixin):
                              f"'UNetMidBlock2DCrossAttn' (Stable Diffusion 1.x / 2.x UNets)")
         if max_references < 1:
             raise ValueError(f"max_references must be at least 1, got {max_references}")
+        if retrieval_max_keys is not None and retrieval_max_keys < 1:
+            raise ValueError(f"retrieval_max_keys must be at least 1 (or None: every place), got {retrieval_max_keys}")
         if retrieval_positions and any(c % 4 for c in block_out_channels):
             raise ValueError(f"retrieval_positions needs channel counts divisible by 4 (a sine and a cosine per axis), "
                              f"got {tuple(block_out_channels)}")
@@ -195,7 +211,7 @@ class RetriNetModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, load_weights_from_unet: bool = True,
                   retrieval_attention_heads: int = 8, max_references: int = 8,
-                  retrieval_positions: bool = False) -> RetriNetModel:
+                  retrieval_positions: bool = False, retrieval_max_keys: int | None = None) -> RetriNetModel:
         """A RetriNet for ``unet``: the retrieval encoder copies its encoder half (weights too, by
         default), the cross-attentions are fresh and the zero convolutions are zero."""
         c = unet.config
@@ -219,7 +235,7 @@ class RetriNetModel(ModelMixin, ConfigMixin):
             use_linear_projection=c.use_linear_projection, upcast_attention=c.upcast_attention,
             resnet_time_scale_shift=c.resnet_time_scale_shift,
             retrieval_attention_heads=retrieval_attention_heads, max_references=max_references,
-            retrieval_positions=retrieval_positions,
+            retrieval_positions=retrieval_positions, retrieval_max_keys=retrieval_max_keys,
         )
         if load_weights_from_unet:
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
@@ -268,6 +284,9 @@ class RetriNetModel(ModelMixin, ConfigMixin):
                 sample, res = block(hidden_states=sample, temb=emb)
             down.extend(res)
         mid = self.mid_block(sample, emb, encoder_hidden_states=concept_embeds)
+        limit = self.config.retrieval_max_keys
+        if limit:
+            down = [_pool_to(d, limit) for d in down]
         return RetrievalFeatures(tuple(down), mid, n)
 
     def forward(self, reference_latents: torch.Tensor, timestep, concept_embeds: torch.Tensor, num_references: int,

@@ -186,6 +186,39 @@ def test_retrieval_positions_are_a_config_switch_without_parameters(components, 
         RetriNetModel.from_unet(odd, retrieval_positions=True, retrieval_attention_heads=2)
 
 
+def test_retrieval_max_keys_pools_the_large_skips_and_only_them(components, tmp_path):
+    """Each reference's features are average-pooled by halves to at most retrieval_max_keys places per skip; the
+    weights are the same (a switch of the config), and at None or a limit above every skip nothing changes."""
+    import torch.nn.functional as F
+
+    unet = components["unet"]
+    plain = perturb(RetriNetModel.from_unet(unet, retrieval_positions=True))
+    pooled = RetriNetModel.from_unet(unet, retrieval_positions=True, retrieval_max_keys=16)
+    loose = RetriNetModel.from_unet(unet, retrieval_positions=True, retrieval_max_keys=10_000)
+    assert pooled.state_dict().keys() == plain.state_dict().keys()
+    pooled.load_state_dict(plain.state_dict())
+    loose.load_state_dict(plain.state_dict())
+    full, few = features_for(plain, 2, 3, size=16), features_for(pooled, 2, 3, size=16)
+    sides = [tuple(d.shape[-2:]) for d in full.down]
+    assert max(h * w for h, w in sides) > 16  # some skip is above the limit
+    for a, b in zip(full.down, few.down):
+        expected = a
+        while expected.shape[-2] * expected.shape[-1] > 16:
+            expected = F.avg_pool2d(expected, 2)
+        assert b.shape[-2] * b.shape[-1] <= 16 and torch.allclose(b, expected, atol=1e-6)
+    assert torch.equal(few.mid, full.mid)
+    x, ehs = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        a = plain.denoise(unet, x, 500, ehs, full)
+        b = pooled.denoise(unet, x, 500, ehs, few)
+        assert b.shape == a.shape and (a - b).abs().max() > 1e-4
+        assert torch.equal(loose.denoise(unet, x, 500, ehs, features_for(loose, 2, 3, size=16)), a)
+    pooled.save_pretrained(tmp_path / "rn")
+    assert RetriNetModel.from_pretrained(tmp_path / "rn").config.retrieval_max_keys == 16
+    with pytest.raises(ValueError, match="retrieval_max_keys must be at least 1"):
+        RetriNetModel.from_unet(unet, retrieval_max_keys=0)
+
+
 # ---------------------------------------------------------------------------- the model
 
 def features_for(retrinet, g, n, seed=0, size=8):

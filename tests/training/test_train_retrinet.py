@@ -439,8 +439,19 @@ def test_clear_errors_before_training(tiny_sd, toybooru, tmp_path):
     with pytest.raises(ValueError, match="does not fit this run"):
         main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 2, "--retrieval-positions",
                              "--resume-from-checkpoint", "latest")))
+    # pooled keys: saved in the RetriNet's config; asked of a RetriNet trained without them, an error; and a checkpoint
+    # without them does not resume with them
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o9", "--max-train-steps", 1, "--retrieval-max-keys", 16)))
+    assert RetriNetModel.from_pretrained(tmp_path / "o9" / "retrinet").config.retrieval_max_keys == 16
+    with pytest.raises(ValueError, match="trained with None"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o8", "--max-train-steps", 1, "--retrinet",
+                             tmp_path / "o5" / "retrinet", "--unet", tmp_path / "o5" / "unet", "--retrieval-max-keys",
+                             16)))
+    with pytest.raises(ValueError, match="does not fit this run"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 2, "--retrieval-max-keys", 16,
+                             "--resume-from-checkpoint", "latest")))
     for bad in (["--task", "paint"], ["--lock", "all"], ["--setting", "c"], ["--mixed-precision", "fp8"],
-                ["--num-references", "0"], ["--prompt-dropout", "1.5"]):
+                ["--num-references", "0"], ["--prompt-dropout", "1.5"], ["--retrieval-max-keys", "0"]):
         with pytest.raises(SystemExit):
             parse_args(argv(tiny_sd, toybooru, tmp_path / "o6", *bad))
 
