@@ -336,7 +336,7 @@ class Trainer:
             return 0
         saved = read_state(checkpoint)
         mine, theirs = _comparable(self.state.signature), _comparable(saved.signature)
-        # either side's keys: a setting only some runs record (the EMA's decay, a VAE's discriminator) must not be
+        # either side's keys: a setting only some runs record (the EMA's decay, the CLIP's hard negatives) must not be
         # dropped silently by a run without it
         mismatched = {k: (theirs.get(k), mine.get(k)) for k in {**theirs, **mine} if theirs.get(k) != mine.get(k)}
         if mismatched:
