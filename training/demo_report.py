@@ -11,8 +11,8 @@ figure the prompt names no identity attribute (only "1girl, solo", pose, framing
 words), so hair, eyes and outfit can only come from the references.
 
 - the demo CLIP's colour probe: for test pictures, does CLIP rank the picture's own caption above
-  the same caption with the hair (eye, outfit) colour swapped? The base reads CLIP's text tower
-  frozen, so it can follow no colour word this tower does not tell apart;
+  the same caption with the hair (eye, outfit) colour swapped, or with another outfit pattern? The
+  base reads CLIP's text tower frozen, so it can follow no word this tower does not tell apart;
 - base: the text-to-image model with the test pictures' full tag prompts; hair colour and outfit
   colour right;
 - reconstruction: 4 "figure" references of one character in one outfit (other pictures of the
@@ -53,6 +53,7 @@ from PIL import Image
 from pipelines.retrinet import Reference
 from training.data.retribooru import (neutral_tags, open_record, prepare_reference, prompt_from_tags,
                                      read_annotations)
+from training.data.toybooru import GARMENTS, PATTERNS
 
 logger = logging.getLogger("demo_report")
 STEPS, GUIDANCE, SIZE = 20, 5.0, 64
@@ -266,9 +267,10 @@ def _colour_tag(rec: dict[str, Any], key: str) -> int | None:
 def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: random.Random,
                pictures: int = 200) -> dict[str, Any]:
     """How often the demo CLIP (a ``ClipScorer``) ranks a test picture's own caption first among the
-    same caption with the hair (eye, outfit) colour swapped for each colour Toybooru uses, and
-    (``binding``) above the same caption with its two garment pieces' colours swapped. The base
-    reads CLIP's text tower frozen: a colour this probe cannot tell apart, the base cannot follow."""
+    same caption with the hair (eye, outfit) colour swapped for each colour Toybooru uses, and among
+    the same caption with each of Toybooru's patterns (``pattern``); and (``binding``) above the same
+    caption with its two garment pieces' colours swapped. The base reads CLIP's text tower frozen: a
+    colour or pattern this probe cannot tell apart, the base cannot follow."""
     if not test:
         raise ValueError("no test picture to probe CLIP with")
     chosen = rng.sample(test, min(pictures, len(test)))
@@ -287,6 +289,16 @@ def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: ran
             right += best == rec["truth"][key]
             n += 1
         out[key] = {"right": right / n if n else 0.0, "pictures": n, "colours": len(colours)}
+    patterns = sorted(PATTERNS)
+    right = n = 0
+    for rec, image in zip(chosen, images):
+        captions = _pattern_captions(rec)
+        if captions is None:
+            continue
+        best = patterns[int((clip.text_embeds([captions[p] for p in patterns]) @ image).argmax())]
+        right += best == rec["truth"]["pattern"]
+        n += 1
+    out["pattern"] = {"right": right / n if n else 0.0, "pictures": n, "patterns": len(patterns)}
     right = n = 0
     for rec, image in zip(chosen, images):
         swapped = _garment_colours_swapped(rec)
@@ -297,6 +309,20 @@ def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: ran
         n += 1
     out["binding"] = {"right": right / n if n else 0.0, "pictures": n}
     return out
+
+
+def _pattern_captions(rec: dict[str, Any]) -> dict[str, str] | None:
+    """``rec``'s caption with its outfit's main piece in each of Toybooru's patterns, keyed by pattern: the
+    pattern's tag ("plaid_kimono") right after the piece's colour tag, as Toybooru writes it, and none for
+    "solid". None when the tags name no colour of the main piece."""
+    main = GARMENTS.get(rec["truth"].get("garment"), (None,))[0]
+    colour_tag = f"{rec['truth'].get('cloth_color')}_{main}"
+    if main is None or colour_tag not in rec["tags"]:
+        return None
+    words = {f"{w}_{main}" for w in PATTERNS.values() if w}
+    tags = [t for t in rec["tags"] if t not in words]
+    at = tags.index(colour_tag) + 1
+    return {p: prompt_from_tags(tags[:at] + ([f"{w}_{main}"] if w else []) + tags[at:]) for p, w in PATTERNS.items()}
 
 
 def _garment_colours_swapped(rec: dict[str, Any]) -> list[str] | None:
@@ -584,7 +610,7 @@ def write_report(out: Path, work: Path, samples: int = 96, seed: int = 0) -> dic
     clip = ClipScorer.from_pretrained(out / "clip")
     # its own random numbers: the pictures every other figure draws do not depend on whether it ran
     figures["clip_probe"] = clip_probe(clip, root, records, test, random.Random(f"demo-report/{seed}/clip-probe"))
-    logger.info("CLIP colour probe: %s", figures["clip_probe"])
+    logger.info("CLIP probe: %s", figures["clip_probe"])
 
     # base model: full tag prompts of test pictures, decoded by the shipped VAE (up to v6 a decoder trained on
     # after the base, with the same encoder and latents; from v7 on the base's own)
@@ -699,11 +725,15 @@ def render(f: dict[str, Any]) -> str:
         c = f["clip_probe"]
         lines += ["## What the demo CLIP reads (its colour probe)", "",
                   f"For {c['pictures']} test pictures, the demo CLIP ranks the picture's own caption against the same "
-                  "caption with one colour swapped, for every colour Toybooru uses. The base reads CLIP's text tower "
-                  "frozen: a colour word it cannot tell apart here, the base cannot follow.", "",
-                  "| colour | own caption ranked first | chance |", "|---|---|---|",
+                  "caption with one colour swapped, for every colour Toybooru uses, and (the last row) with the "
+                  "outfit's pattern changed. The base reads CLIP's text tower frozen: a colour or pattern word it "
+                  "cannot tell apart here, the base cannot follow.", "",
+                  "| swapped | own caption ranked first | chance |", "|---|---|---|",
                   *[f"| {name} | {_pct(c[key]['right'])} | {_pct(1 / c[key]['colours'])} |"
-                    for key, name in PROBED.items() if key in c], ""]
+                    for key, name in PROBED.items() if key in c],
+                  *([(f"| outfit pattern (plaid, striped, polka dot or none) | {_pct(c['pattern']['right'])} | "
+                      f"{_pct(1 / c['pattern']['patterns'])} |")] if c.get("pattern", {}).get("pictures") else []),
+                  ""]
         if c.get("binding", {}).get("pictures"):
             n, right = c["binding"]["pictures"], _pct(c["binding"]["right"])
             lines += [f"Each colour bound to its garment: for the {n} of them in a two-piece outfit of two colours, "

@@ -972,7 +972,9 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     curves = figures["gap_during_training"]  # -b logged its gap while training, -a did not
     assert set(curves) == {"b"} and set(curves["b"]["gap"]) == {1} and curves["b"]["samples"] >= 2
     probe = figures["clip_probe"]
-    assert probe["pictures"] > 0 and all(0 <= probe[k]["right"] <= 1 for k in ("hair_color", "eye_color", "cloth_color"))
+    assert probe["pictures"] > 0 and all(0 <= probe[k]["right"] <= 1
+                                         for k in ("hair_color", "eye_color", "cloth_color", "pattern"))
+    assert probe["pattern"]["pictures"] == probe["pictures"] and probe["pattern"]["patterns"] == 4
     ceiling = figures["vae_ceiling"]
     assert ceiling["pictures"] > 0 and ceiling["mse"] >= 0
     assert set(ceiling["real"]) == set(ceiling["reconstructed"]) and 0 <= ceiling["real"]["hair_color"] <= 1
@@ -987,6 +989,8 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     assert "## Do the references matter? (the reference gap)" in report and "| -a | **" in report
     assert "### The gap while training" in report and "| step | -b |" in report and "\n| 1 | " in report
     assert "## What the demo CLIP reads (its colour probe)" in report and "| hair | " in report
+    assert f"| outfit pattern (plaid, striped, polka dot or none) | {demo_report._pct(probe['pattern']['right'])} | " \
+        "25.0 % |" in report
     assert "| another target's (control) | " in report
     assert "## What the VAE lets through" in report and "| real pictures | VAE reconstructions |" in report
     assert f"of {figures['base']['pictures']} (standard error " in report
@@ -1042,8 +1046,8 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
 
 
 class _WordClip:
-    """A stand-in ``ClipScorer`` that reads colours perfectly: a picture embeds as its true
-    (colour, noun) pairs, a caption as the (colour, noun) pairs it names."""
+    """A stand-in ``ClipScorer`` that reads colours and patterns perfectly: a picture embeds as its true
+    (colour or pattern, noun) pairs, a caption as the pairs it names, both of unit norm (as CLIP's)."""
 
     def __init__(self, root, records, blind=False):
         from training.data.retribooru import open_record
@@ -1055,13 +1059,13 @@ class _WordClip:
         v = torch.zeros(4096)
         for pair in pairs:
             v[self.vocab.setdefault(pair, len(self.vocab))] += 1.0
-        return v
+        return v / v.norm().clamp(min=1e-12)
 
     def image_embeds(self, images):
         rows = []
         for image in images:
             r = self.truth[image.tobytes()]
-            pairs = {tuple(t.split("_", 1)) for t in r["tags"] if "_" in t}
+            pairs = {tuple(t.replace("_", " ").split(" ", 1)) for t in r["tags"] if "_" in t}
             rows.append(self._vector(pairs))
         return torch.stack(rows)
 
@@ -1084,18 +1088,48 @@ def test_clip_probe_counts_the_captions_ranked_first(toybooru, toybooru_records)
         assert perfect[key]["right"] == 1.0 and perfect[key]["pictures"] > 0, key
         assert perfect[key]["colours"] == len({r["truth"][key] for r in toybooru_records}) > 1
     assert perfect["binding"]["right"] == 1.0
+    chosen = random.Random(0).sample(test, min(10, len(test)))
+    assert perfect["pattern"] == {"right": 1.0, "pictures": len(chosen), "patterns": 4}
+    # every picture (the test split of this small Toybooru has one pattern): pattern words, and none
+    pool = toybooru_records
+    assert {r["truth"]["pattern"] for r in pool} >= {"solid", "stripes", "checks"}
+    every = clip_probe(_WordClip(toybooru, pool), toybooru, pool, pool, random.Random(0), pictures=len(pool))
+    assert every["pattern"] == {"right": 1.0, "pictures": len(pool), "patterns": 4}
     two_piece = [r for r in random.Random(0).sample(test, min(10, len(test)))
                  if r["truth"]["garment"] != "dress" and r["truth"]["cloth_color"] != r["truth"]["secondary_color"]]
     assert perfect["binding"]["pictures"] == len(two_piece) > 0
     # a CLIP blind to text ranks every caption alike and so always picks the first colour
     blind = clip_probe(_WordClip(toybooru, test, blind=True), toybooru, toybooru_records, test, random.Random(0),
                        pictures=10)
-    chosen = random.Random(0).sample(test, min(10, len(test)))
     first = min(r["truth"]["hair_color"] for r in toybooru_records)
     assert blind["hair_color"]["right"] == sum(r["truth"]["hair_color"] == first for r in chosen) / len(chosen) < 1
     assert blind["binding"] == {"right": 0.0, "pictures": len(two_piece)}  # a tie binds nothing
+    blind = clip_probe(_WordClip(toybooru, pool, blind=True), toybooru, pool, pool, random.Random(0),
+                       pictures=len(pool))
+    checks = sum(r["truth"]["pattern"] == "checks" for r in pool) / len(pool)  # the first pattern, sorted
+    assert blind["pattern"]["right"] == checks and 0 < checks < 1
     with pytest.raises(ValueError, match="no test picture"):
         clip_probe(_WordClip(toybooru, test), toybooru, toybooru_records, [], random.Random(0))
+
+
+def test_pattern_captions_change_only_the_pattern_word(toybooru_records):
+    from training.data.retribooru import prompt_from_tags
+    from training.demo_report import _pattern_captions
+
+    seen = set()
+    for rec in toybooru_records:
+        captions = _pattern_captions(rec)
+        assert set(captions) == {"solid", "stripes", "dots", "checks"}
+        assert captions[rec["truth"]["pattern"]] == prompt_from_tags(rec["tags"])  # its own: the training caption
+        assert len(set(captions.values())) == 4
+        words = set(captions["solid"].split(", "))
+        for pattern, word in (("stripes", "striped"), ("dots", "polka dot"), ("checks", "plaid")):
+            added = set(captions[pattern].split(", ")) - words
+            assert len(added) == 1 and added.pop().startswith(word + " "), (pattern, captions)
+        seen.add(rec["truth"]["pattern"])
+    assert seen == {"solid", "stripes", "dots", "checks"}
+    bare = {**toybooru_records[0], "tags": ["1girl", "solo"]}
+    assert _pattern_captions(bare) is None  # no colour tag of the main piece to put a pattern after
 
 
 def test_garment_colours_swap_the_two_pieces_and_nothing_else():
