@@ -43,6 +43,8 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -278,27 +280,11 @@ def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: ran
     out: dict[str, Any] = {"pictures": len(chosen)}
     for key in PROBED:
         colours = sorted({r["truth"][key] for r in records})
-        right = n = 0
-        for rec, image in zip(chosen, images):
-            i = _colour_tag(rec, key)
-            if i is None:
-                continue
-            rest = rec["tags"][i].split("_", 1)[1]
-            captions = [prompt_from_tags(rec["tags"][:i] + [f"{c}_{rest}"] + rec["tags"][i + 1:]) for c in colours]
-            best = colours[int((clip.text_embeds(captions) @ image).argmax())]
-            right += best == rec["truth"][key]
-            n += 1
-        out[key] = {"right": right / n if n else 0.0, "pictures": n, "colours": len(colours)}
+        right, n = _ranked_first(clip, chosen, images, key, colours, partial(_colour_captions, key=key, colours=colours))
+        out[key] = {"right": right, "pictures": n, "colours": len(colours)}
     patterns = sorted(PATTERNS)
-    right = n = 0
-    for rec, image in zip(chosen, images):
-        captions = _pattern_captions(rec)
-        if captions is None:
-            continue
-        best = patterns[int((clip.text_embeds([captions[p] for p in patterns]) @ image).argmax())]
-        right += best == rec["truth"]["pattern"]
-        n += 1
-    out["pattern"] = {"right": right / n if n else 0.0, "pictures": n, "patterns": len(patterns)}
+    right, n = _ranked_first(clip, chosen, images, "pattern", patterns, _pattern_captions)
+    out["pattern"] = {"right": right, "pictures": n, "patterns": len(patterns)}
     right = n = 0
     for rec, image in zip(chosen, images):
         swapped = _garment_colours_swapped(rec)
@@ -309,6 +295,31 @@ def clip_probe(clip, root: Path, records: list[dict], test: list[dict], rng: ran
         n += 1
     out["binding"] = {"right": right / n if n else 0.0, "pictures": n}
     return out
+
+
+def _ranked_first(clip, chosen: list[dict], images: torch.Tensor, key: str, choices: list[str],
+                  captions_of: Callable[[dict[str, Any]], dict[str, str] | None]) -> tuple[float, int]:
+    """The share of the ``chosen`` pictures (those ``captions_of`` gives a caption per choice for) whose caption
+    with their own ``truth[key]`` CLIP ranks first among ``choices``, and how many pictures that was."""
+    right = n = 0
+    for rec, image in zip(chosen, images):
+        captions = captions_of(rec)
+        if captions is None:
+            continue
+        best = choices[int((clip.text_embeds([captions[c] for c in choices]) @ image).argmax())]
+        right += best == rec["truth"][key]
+        n += 1
+    return (right / n if n else 0.0), n
+
+
+def _colour_captions(rec: dict[str, Any], key: str, colours: list[str]) -> dict[str, str] | None:
+    """``rec``'s caption with the attribute ``key``'s colour tag in each of ``colours``, keyed by colour; None
+    when its tags name no such colour."""
+    i = _colour_tag(rec, key)
+    if i is None:
+        return None
+    rest = rec["tags"][i].split("_", 1)[1]
+    return {c: prompt_from_tags(rec["tags"][:i] + [f"{c}_{rest}"] + rec["tags"][i + 1:]) for c in colours}
 
 
 def _pattern_captions(rec: dict[str, Any]) -> dict[str, str] | None:
