@@ -90,6 +90,24 @@ def concept_box(concept: str, face_bbox: Sequence[float], width: int, height: in
     return region
 
 
+def concept_region(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    """Where the reference cut at ``box`` of a ``width`` x ``height`` picture lies in that picture's square frame.
+
+    Both are made square as ``resize_and_pad`` makes them, centred with their aspect kept: the picture's frame
+    is a square of side ``max(width, height)``, the reference's a square of side ``max(box width, box height)``
+    around the box's centre. Returns that square as ``(x0, y0, x1, y1)`` in units of the frame (the whole
+    picture: about ``(0, 0, 1, 1)``), what ``RetriNetModel``'s ``reference_regions`` takes.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if width < 1 or height < 1:
+        raise ValueError(f"cannot place a region in an empty {width}x{height} picture")
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"box {list(box)} is empty")
+    frame, side = max(width, height), max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2 + (frame - width) / 2, (y0 + y1) / 2 + (frame - height) / 2
+    return ((cx - side / 2) / frame, (cy - side / 2) / frame, (cx + side / 2) / frame, (cy + side / 2) / frame)
+
+
 def remove_background(image: Image.Image, mask: Image.Image, fill=(255, 255, 255)) -> Image.Image:
     """``image`` with every pixel outside the figure ``mask`` (L, 0/255) set to ``fill``."""
     if image.size != mask.size:
@@ -171,6 +189,20 @@ class ConceptCrops:
         """The concepts that could be cut, by name."""
         return {k: v for k, v in (("face", self.face), ("clothes", self.clothes), ("figure", self.figure))
                 if v is not None}
+
+    def region(self, concept: str) -> tuple[float, float, float, float] | None:
+        """Where the crop of ``concept`` lies in the picture's square frame (``concept_region``): what a RetriNet
+        trained with ``retrieval_regions`` reads beside the crop. None when that concept could not be cut."""
+        if concept not in CONCEPTS:
+            raise ValueError(f"unknown concept {concept!r}; expected one of {', '.join(CONCEPTS)}")
+        w, h = self.image.size
+        if concept == "figure":
+            return concept_region((0, 0, w, h), w, h)
+        if concept == "face" and self.face is not None and self.head_box is not None:
+            return concept_region(self.head_box, w, h)
+        if concept == "clothes" and self.clothes is not None and self.head_box is not None:
+            return concept_region(concept_box("clothes", self.head_box, w, h, self.mask), w, h)
+        return None
 
 
 def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

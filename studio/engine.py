@@ -435,17 +435,18 @@ class Engine:
         return ConceptCard(picture=cut.image, overlay=_overlay(cut.image, cut.mask, cut.head_box), mask=cut.mask,
                            head_box=cut.head_box, crops=crops, concept=concept, rule=cut.rule)
 
-    def _reference(self, index: int, image: Any, choice: str) -> tuple[Image.Image, str]:
-        """The picture the model reads for one reference, and its concept word."""
+    def _reference(self, index: int, image: Any, choice: str) -> tuple[Image.Image, str, tuple[float, ...] | None]:
+        """The picture the model reads for one reference, its concept word, and where it was cut from in the
+        picture (``ConceptCrops.region``; None for the whole picture)."""
         picture = _picture(f"reference {index + 1}", image)
         if choice == WHOLE:
-            return picture, "figure"
+            return picture, "figure", None
         crops = self._extract(picture)
         cut = crops.crops().get(choice)
         if cut is None:
             raise ValueError(f"reference {index + 1}: no {choice} can be cut from this picture ({crops.rule}); "
                              f"choose 'figure' or 'whole'")
-        return cut, choice
+        return cut, choice, crops.region(choice)
 
     # ------------------------------------------------------------------ compose: generation
 
@@ -483,13 +484,14 @@ class Engine:
 
         with self._run_locks["retrinet"]:  # the scheduler holds per-call state
             images = _run(pipe, progress, seeds=_seeds(seed, n), prompt=prompt,
-                          references=[Reference(im, c) for im, c in references], negative_prompt=negative or None,
+                          references=[Reference(*r) for r in references], negative_prompt=negative or None,
                           num_inference_steps=steps, guidance_scale=guidance, retrieval_scale=retrieval,
                           num_images_per_prompt=n, height=height, width=width)
         settings = {"model": "retrinet", "family": self.zoo, "prompt": prompt, "negative_prompt": negative,
                     "steps": steps, "guidance": guidance, "retrieval_scale": retrieval,
                     "concepts": [choice for _, choice in refs], "width": images[0].width, "height": images[0].height}
-        return Generation([Picture(im, s, settings) for im, s in zip(images, _seeds(seed, n))], seed, references)
+        return Generation([Picture(im, s, settings) for im, s in zip(images, _seeds(seed, n))], seed,
+                          [(im, c) for im, c, _ in references])
 
     # ------------------------------------------------------------------ variations
 

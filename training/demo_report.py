@@ -53,7 +53,7 @@ import torch
 from PIL import Image
 
 from pipelines.retrinet import Reference
-from training.data.retribooru import (neutral_tags, open_record, prepare_reference, prompt_from_tags,
+from training.data.retribooru import (neutral_tags, open_record, prepare_reference, prompt_from_tags, reference_region,
                                      read_annotations)
 from training.data.toybooru import GARMENTS, PATTERNS
 
@@ -74,7 +74,7 @@ def neutral_prompt(rec: dict[str, Any]) -> str:
 def reference(root: Path, rec: dict[str, Any], concept: str) -> Reference | None:
     image, mask = open_record(root, rec)
     padded, got = prepare_reference(image, mask, rec["face_bbox"], concept, SIZE)
-    return Reference(padded, got) if got == concept else None
+    return Reference(padded, got, reference_region(image, mask, rec["face_bbox"], got)) if got == concept else None
 
 
 def grid(rows: list[list[Image.Image]], path: Path, size: int = SIZE) -> None:

@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "skip before attending to them (PixArt-Sigma's key compression; not in the seeds' code; "
                         "RetriNetModel's retrieval_max_keys): the largest skips' cross-attention costs 4 times "
                         "less per halving")
+    g.add_argument("--retrieval-regions", action="store_true",
+                   help="with --retrieval-positions: a new RetriNet places each reference's keys where the reference "
+                        "was cut from in its own picture (a face crop's where the head is), not over the whole frame "
+                        "(not in the seeds' code; RetriNetModel's retrieval_regions)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="a RetriBooru-style folder (annotations.jsonl, images/, masks/)")
     g.add_argument("--split", default="train", help="split to train on ('none': every record)")
@@ -145,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.retrieval_max_keys is not None and args.retrieval_max_keys < 1:
         p.error("--retrieval-max-keys must be at least 1")
+    if args.retrieval_regions and not args.retrieval_positions:
+        p.error("--retrieval-regions places the position embeddings of --retrieval-positions: give both")
     if not 0 <= args.prompt_dropout <= 1:
         p.error("--prompt-dropout must be between 0 and 1")
     if args.face_loss_weight < 0:
@@ -266,13 +272,19 @@ class RetriNetObjective:
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         pred = self.retrinet(ref_latents, t, concept_embeds, n, unet=self.unet, sample=noisy,
-                             encoder_hidden_states=ehs)
+                             encoder_hidden_states=ehs, reference_regions=_regions(batch, device))
         size = latents.shape[-2:]
         valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
         face = to_latent_mask(batch["face_mask"].to(device), size, cover=True)
         weights = None if self.args.timestep_weighting == "uniform" else \
             timestep_weights(self.noise_scheduler, t, self.args.timestep_weighting, self.args.snr_gamma)
         return retrinet_loss(pred, target, valid, face, self.args.face_loss_weight, weights)
+
+
+def _regions(batch: dict[str, Any], device) -> torch.Tensor | None:
+    """The batch's reference regions (B * N, 4), if it has them (``RetriBooruDataset`` does)."""
+    regions = batch.get("reference_regions")
+    return None if regions is None else regions.flatten(0, 1).to(device)
 
 
 GAP_FRACTIONS = (0.3, 0.5, 0.7, 0.9)  # the reference gap's timesteps, as fractions of the training schedule
@@ -340,9 +352,12 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
     words = [w for cs in batch["concepts"] for w in cs]
     concepts = embed_words(tokenizer, text_encoder, words, device).to(dtype)
     concepts = concepts.view(b, n, *concepts.shape[1:])  # (B, N, L, D)
-    conditions = {"own": (ref_latents, concepts, 1.0),
-                  "other": (ref_latents.roll(1, 0), concepts.roll(1, 0), 1.0),  # sample i gets i - 1's
-                  "none": (ref_latents, concepts, 0.0)}
+    regions = _regions(batch, device)
+    regions = None if regions is None else regions.view(b, n, 4)
+    roll = (lambda x: None) if regions is None else (lambda x: x.roll(1, 0))
+    conditions = {"own": (ref_latents, concepts, 1.0, regions),
+                  "other": (ref_latents.roll(1, 0), concepts.roll(1, 0), 1.0, roll(regions)),  # sample i gets i - 1's
+                  "none": (ref_latents, concepts, 0.0, regions)}
     empty = embed_texts(tokenizer, text_encoder, [""], device).to(dtype)
     size = latents.shape[-2:]
     valid = to_latent_mask(batch["valid_mask"].to(device), size, cover=False)
@@ -358,9 +373,10 @@ def reference_gap(vae, text_encoder, tokenizer, unet, retrinet, noise_scheduler:
             t = torch.full((rows,), int(tv), device=device, dtype=torch.long)
             noisy = noise_scheduler.add_noise(latents[e], noise[e], t)
             target = noise[e] if prediction == "epsilon" else noise_scheduler.get_velocity(latents[e], noise[e], t)
-            for name, (lat, embeds, scale) in conditions.items():
+            for name, (lat, embeds, scale, where) in conditions.items():
                 pred = retrinet(lat[e].flatten(0, 1), t, embeds[e].flatten(0, 1), n, unet=unet, sample=noisy,
-                                encoder_hidden_states=empty.expand(rows, -1, -1), retrieval_scale=scale)
+                                encoder_hidden_states=empty.expand(rows, -1, -1), retrieval_scale=scale,
+                                reference_regions=None if where is None else where[e].flatten(0, 1))
                 sums[name] += retrinet_loss(pred, target, valid[e], face[e], face_loss_weight).item() * rows
         for name in conditions:
             out[name].append(sums[name] / b)
@@ -523,6 +539,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"the RetriNet in {args.retrinet} was built for another UNet")
         if args.retrieval_positions and not retrinet.config.retrieval_positions:
             raise ValueError(f"--retrieval-positions: the RetriNet in {args.retrinet} was trained without them")
+        if args.retrieval_regions and not retrinet.config.get("retrieval_regions", False):
+            raise ValueError(f"--retrieval-regions: the RetriNet in {args.retrinet} was trained without them")
         if args.retrieval_max_keys is not None and args.retrieval_max_keys != retrinet.config.retrieval_max_keys:
             raise ValueError(f"--retrieval-max-keys {args.retrieval_max_keys}: the RetriNet in {args.retrinet} was "
                              f"trained with {retrinet.config.retrieval_max_keys}")
@@ -530,7 +548,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         retrinet = RetriNetModel.from_unet(unet, retrieval_attention_heads=args.retrieval_attention_heads,
                                            max_references=args.max_references,
                                            retrieval_positions=args.retrieval_positions,
-                                           retrieval_max_keys=args.retrieval_max_keys)
+                                           retrieval_max_keys=args.retrieval_max_keys,
+                                           retrieval_regions=args.retrieval_regions)
     params = retrinet.set_training_mode(unet, LOCKS[args.lock])
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)

@@ -38,14 +38,16 @@ class ControlCrossAttention(nn.Module):
         ``group_index[b]``; ``num_references`` = N): the same result, but ``norm1`` and the key
         and value projections run once per group instead of once per sample.
 
-        ``query_pos`` (L_q, C) and ``key_pos`` (L, C), both or neither, are added to the
+        ``query_pos`` (L_q, C) and ``key_pos`` (L, C), or (rows of ``control``, L, C) for a place
+        of each reference's own, both or neither, are added to the
         normalised tokens that make the queries and the keys (of every reference alike), not to
         the values nor the residual (not in the seed's code: ``RetriNetModel``'s
         ``retrieval_positions``).
         """
         if (query_pos is None) != (key_pos is None):
             raise ValueError("query_pos and key_pos go together")
-        if query_pos is not None and (query_pos.shape != hs.shape[1:] or key_pos.shape != control.shape[1:]):
+        if query_pos is not None and (query_pos.shape != hs.shape[1:]
+                                      or key_pos.shape not in (control.shape[1:], control.shape)):
             raise ValueError(f"position embeddings {tuple(query_pos.shape)} and {tuple(key_pos.shape)} do not fit "
                              f"queries {tuple(hs.shape[1:])} and reference tokens {tuple(control.shape[1:])}")
         if group_index is None:
@@ -56,7 +58,9 @@ class ControlCrossAttention(nn.Module):
             control = control.reshape(hs.shape[0], n * control.shape[1], control.shape[2])
             hs = self.norm0(hs)
             control = self.norm1(control)
-            query, key = (hs, control) if query_pos is None else (hs + query_pos, control + key_pos.repeat(n, 1))
+            if key_pos is not None:
+                key_pos = key_pos.reshape(control.shape) if key_pos.ndim == 3 else key_pos.repeat(n, 1)
+            query, key = (hs, control) if query_pos is None else (hs + query_pos, control + key_pos)
             hs = self.cross_attention(query, key, control, need_weights=False)[0] + hs  # (B, L_q, C)
             hs = self.gelu(self.linear(self.norm2(hs))) + hs
             return hs

@@ -11,7 +11,10 @@ RetriNet (seed 000, Sec. 3 and Fig. 2; seed 001, Sec. 5.1; DESIGN.md "RetriNet, 
    where ``CCA_i`` is a ``ControlCrossAttention`` over all N references of the sample;
    ``retrieval_positions`` (off by default; not in the seeds' code) adds a fixed 2D sin-cos
    embedding of each token's place to the queries and keys, so that a query can find its own
-   place in the references even when the noisy target shows nothing there; ``retrieval_max_keys``
+   place in the references even when the noisy target shows nothing there; ``retrieval_regions``
+   (off by default; not in the seeds' code, needs ``retrieval_positions``) places each reference's
+   keys where the reference was cut from in its own picture (a face crop's keys where the head is,
+   not over the whole frame), given as ``reference_regions``; ``retrieval_max_keys``
    (off by default; not in the seeds' code) average-pools each reference's features, by halves, to
    at most that many places before they are attended to, as PixArt-Sigma compresses its keys and
    values: a skip of H x W queries over N references of H x W keys costs N (HW)^2, so the largest
@@ -59,13 +62,19 @@ class RetrievalFeatures:
     down: tuple[torch.Tensor, ...]
     mid: torch.Tensor
     num_references: int
+    # (G * N, 4): where each reference lies in its own picture (``retrieval_regions``), or None (every reference
+    # fills the frame)
+    regions: torch.Tensor | None = None
+    # the key positions of ``regions``, by grid and channels: computed once for every skip of that size and every
+    # call of the UNet that reads these features
+    key_positions: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_groups(self) -> int:
         return self.mid.shape[0] // self.num_references
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.down, self.mid))
+        return sum(t.numel() * t.element_size() for t in (*self.down, self.mid, *self.key_positions.values()))
 
 
 @dataclass
@@ -90,6 +99,36 @@ def _positions(height: int, width: int, channels: int) -> torch.Tensor:
     coordinates scaled to [0, 16) whatever the grid's size, so that one place of a picture has one
     embedding on a target and on references of another size."""
     return get_2d_sincos_pos_embed(channels, (height, width), base_size=16, output_type="pt").float()
+
+
+FULL_FRAME = (0.0, 0.0, 1.0, 1.0)
+
+
+def check_regions(regions: torch.Tensor, rows: int) -> torch.Tensor:
+    """``regions`` as a float (rows, 4) tensor of boxes ``[x0, y0, x1, y1]`` in units of their picture's square
+    frame, or ``ValueError``."""
+    regions = torch.as_tensor(regions, dtype=torch.float32)
+    if regions.shape != (rows, 4):
+        raise ValueError(f"reference regions must be ({rows}, 4) boxes [x0, y0, x1, y1], got {tuple(regions.shape)}")
+    if not torch.isfinite(regions).all() or (regions[:, 2] <= regions[:, 0]).any() or \
+            (regions[:, 3] <= regions[:, 1]).any():
+        raise ValueError("every reference region needs finite corners with x1 > x0 and y1 > y0")
+    return regions
+
+
+def _region_positions(regions: torch.Tensor, height: int, width: int, channels: int) -> torch.Tensor:
+    """(R, height * width, channels): ``_positions``' embedding of a height x width grid laid over each of the R
+    ``regions`` of the frame (boxes in frame units); the region (0, 0, 1, 1) gives ``_positions`` exactly."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+    r = regions.to(torch.float32)
+    u = torch.arange(width, dtype=torch.float32, device=r.device) / width  # (w,) each place's left edge
+    v = torch.arange(height, dtype=torch.float32, device=r.device) / height
+    x = 16 * (r[:, 0, None] + u * (r[:, 2] - r[:, 0])[:, None])  # (R, w), in _positions' [0, 16) units
+    y = 16 * (r[:, 1, None] + v * (r[:, 3] - r[:, 1])[:, None])  # (R, h)
+    grid = torch.stack([x[:, None, :].expand(-1, height, -1), y[:, :, None].expand(-1, -1, width)])
+    emb = get_2d_sincos_pos_embed_from_grid(channels, grid.reshape(2, -1), output_type="pt")
+    return emb.reshape(r.shape[0], height * width, channels).float()
 
 
 def _pool_to(features: torch.Tensor, places: int) -> torch.Tensor:
@@ -144,6 +183,7 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         max_references: int = 8,  # references one sample may carry
         retrieval_positions: bool = False,  # a 2D position embedding on the cross-attentions' queries and keys
         retrieval_max_keys: int | None = None,  # each reference's places per skip, average-pooled down to at most this
+        retrieval_regions: bool = False,  # keys placed where each reference was cut from (needs retrieval_positions)
     ):
         super().__init__()
         n_blocks = len(down_block_types)
@@ -156,6 +196,8 @@ class RetriNetModel(ModelMixin, ConfigMixin):
             raise ValueError(f"max_references must be at least 1, got {max_references}")
         if retrieval_max_keys is not None and retrieval_max_keys < 1:
             raise ValueError(f"retrieval_max_keys must be at least 1 (or None: every place), got {retrieval_max_keys}")
+        if retrieval_regions and not retrieval_positions:
+            raise ValueError("retrieval_regions places the references' position embeddings: it needs retrieval_positions")
         if retrieval_positions and any(c % 4 for c in block_out_channels):
             raise ValueError(f"retrieval_positions needs channel counts divisible by 4 (a sine and a cosine per axis), "
                              f"got {tuple(block_out_channels)}")
@@ -211,7 +253,8 @@ class RetriNetModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, load_weights_from_unet: bool = True,
                   retrieval_attention_heads: int = 8, max_references: int = 8,
-                  retrieval_positions: bool = False, retrieval_max_keys: int | None = None) -> RetriNetModel:
+                  retrieval_positions: bool = False, retrieval_max_keys: int | None = None,
+                  retrieval_regions: bool = False) -> RetriNetModel:
         """A RetriNet for ``unet``: the retrieval encoder copies its encoder half (weights too, by
         default), the cross-attentions are fresh and the zero convolutions are zero."""
         c = unet.config
@@ -236,6 +279,7 @@ class RetriNetModel(ModelMixin, ConfigMixin):
             resnet_time_scale_shift=c.resnet_time_scale_shift,
             retrieval_attention_heads=retrieval_attention_heads, max_references=max_references,
             retrieval_positions=retrieval_positions, retrieval_max_keys=retrieval_max_keys,
+            retrieval_regions=retrieval_regions,
         )
         if load_weights_from_unet:
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
@@ -251,12 +295,17 @@ class RetriNetModel(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ retrieval encoder
 
     def encode_references(self, reference_latents: torch.Tensor, timestep: torch.Tensor | float | int,
-                          concept_embeds: torch.Tensor, num_references: int) -> RetrievalFeatures:
+                          concept_embeds: torch.Tensor, num_references: int,
+                          reference_regions: torch.Tensor | None = None) -> RetrievalFeatures:
         """Run the retrieval encoder on G groups of ``num_references`` references.
 
         ``reference_latents`` (G * N, C, h, w): clean VAE latents, group-major; ``concept_embeds``
         (G * N, L, D): text embeddings of each reference's concept word; ``timestep``: a number,
-        or (G,) one per group, or (G * N,).
+        or (G,) one per group, or (G * N,). ``reference_regions`` (G * N, 4): where each reference
+        was cut from, a box ``[x0, y0, x1, y1]`` in units of its picture's square frame (the
+        picture padded to a square, as the target is; ``reference_region`` in
+        ``training.data.retribooru`` computes it); read only by a model with ``retrieval_regions``,
+        which without them takes every reference to fill the frame.
         """
         n = num_references
         if not 1 <= n <= self.config.max_references:
@@ -273,6 +322,9 @@ class RetriNetModel(ModelMixin, ConfigMixin):
             t = t.repeat_interleave(n)
         elif t.shape[0] != rows:
             raise ValueError(f"{t.shape[0]} timesteps for {rows // n} groups of references")
+        regions = None
+        if reference_regions is not None and self.config.get("retrieval_regions", False):
+            regions = check_regions(reference_regions, rows).to(reference_latents.device)
 
         emb = self.time_embedding(self.time_proj(t).to(dtype=reference_latents.dtype))  # (G*N, 4 C0)
         sample = self.conv_in(reference_latents)
@@ -287,16 +339,17 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         limit = self.config.retrieval_max_keys
         if limit:
             down = [_pool_to(d, limit) for d in down]
-        return RetrievalFeatures(tuple(down), mid, n)
+        return RetrievalFeatures(tuple(down), mid, n, regions)
 
     def forward(self, reference_latents: torch.Tensor, timestep, concept_embeds: torch.Tensor, num_references: int,
                 unet: UNet2DConditionModel | None = None, sample: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, group_index: torch.Tensor | None = None,
-                retrieval_scale: float = 1.0):
+                retrieval_scale: float = 1.0, reference_regions: torch.Tensor | None = None):
         """Without ``unet``: the retrieval features (``encode_references``). With ``unet``, ``sample``
         and ``encoder_hidden_states``: the noise prediction of ``unet`` with the references injected,
         in one call, so that a ``DistributedDataParallel`` wrapper sees every parameter used."""
-        features = self.encode_references(reference_latents, timestep, concept_embeds, num_references)
+        features = self.encode_references(reference_latents, timestep, concept_embeds, num_references,
+                                          reference_regions)
         if unet is None:
             return features
         if sample is None or encoder_hidden_states is None:
@@ -319,8 +372,15 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         tokens = h.reshape(b, c, hh * ww).transpose(1, 2)  # (B, HW, C)
         pos = {}
         if self.config.retrieval_positions:
-            pos = {"query_pos": _positions(hh, ww, c).to(h.device, h.dtype),
-                   "key_pos": _positions(fh, fw, c).to(h.device, h.dtype)}
+            features = state.features
+            if features.regions is None:
+                key_pos = _positions(fh, fw, c).to(h.device, h.dtype)
+            else:
+                key_pos = features.key_positions.get((fh, fw, c, h.dtype))
+                if key_pos is None:
+                    key_pos = _region_positions(features.regions, fh, fw, c).to(h.device, h.dtype)
+                    features.key_positions[(fh, fw, c, h.dtype)] = key_pos
+            pos = {"query_pos": _positions(hh, ww, c).to(h.device, h.dtype), "key_pos": key_pos}
         out = attn(tokens, control, state.group_index, state.features.num_references, **pos)  # (B, HW, C)
         out = out.transpose(1, 2).reshape(b, c, hh, ww)
         return h + state.scale * zero(out)

@@ -29,15 +29,18 @@ from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipelines.concepts import CONCEPTS, resize_and_pad
-from pipelines.retrinet.model import RetriNetModel, RetrievalFeatures
+from pipelines.retrinet.model import FULL_FRAME, RetriNetModel, RetrievalFeatures, check_regions
 
 
 @dataclass(frozen=True)
 class Reference:
-    """A reference picture and the concept to take from it."""
+    """A reference picture and the concept to take from it; ``region``, where the picture was cut from in its
+    source picture's square frame (``pipelines.concepts.concept_region``), is read by a RetriNet trained with
+    ``retrieval_regions`` (None: the picture fills the frame, as a "figure" does)."""
 
     image: PIL.Image.Image
     concept: str
+    region: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -210,7 +213,8 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
     def encode_references(self, groups: list[list[Reference]], size: int, device: torch.device,
                           generator=None) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Clean, scaled VAE latents (G * N, C, s, s) of the references, padded to squares of
-        ``size`` pixels, their concept embeddings, and a content key for the feature cache."""
+        ``size`` pixels, their concept embeddings, and a content key for the feature cache (the
+        regions of ``reference_regions`` included)."""
         pixels = []
         for g in groups:
             for r in g:
@@ -222,15 +226,21 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
         embeds = self.encode_concepts(concepts, device)
         digest = hashlib.sha1(latents.float().cpu().numpy().tobytes())
         digest.update("|".join(concepts).encode())
+        digest.update(self.reference_regions(groups, device).numpy(force=True).tobytes())
         return latents.to(self.retrinet.dtype), embeds, digest.hexdigest()
 
+    def reference_regions(self, groups: list[list[Reference]], device: torch.device) -> torch.Tensor:
+        """(G * N, 4): each reference's ``region``, the whole frame where it has none."""
+        regions = [r.region if r.region is not None else FULL_FRAME for g in groups for r in g]
+        return check_regions(torch.tensor(regions, dtype=torch.float32), len(regions)).to(device)
+
     def retrieval_features(self, latents: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor, n: int,
-                           key: str) -> RetrievalFeatures:
+                           key: str, regions: torch.Tensor | None = None) -> RetrievalFeatures:
         """The retrieval encoder's features at timestep ``t``: from the cache, or computed once."""
         ck = (key, float(t), id(self.retrinet), str(latents.device), str(latents.dtype))
         feats = self.retrieval_cache.get(ck)
         if feats is None:
-            feats = self.retrinet(latents, t, embeds, n)
+            feats = self.retrinet(latents, t, embeds, n, reference_regions=regions)
             self.retrieval_cache.put(ck, feats)
         return feats
 
@@ -298,6 +308,7 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
         # 3. Encode references; row r of the UNet batch reads reference group group_index[r]
         n = len(groups[0])
         ref_latents, concept_embeds, ref_key = self.encode_references(groups, reference_size, device)
+        ref_regions = self.reference_regions(groups, device)
         group_index = torch.arange(batch, device=device) // num_images_per_prompt if len(groups) > 1 else \
             torch.zeros(batch, dtype=torch.long, device=device)
         if do_cfg:
@@ -319,7 +330,7 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
             for i, t in enumerate(timesteps):
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                features = self.retrieval_features(ref_latents, concept_embeds, t, n, ref_key)  # once per step
+                features = self.retrieval_features(ref_latents, concept_embeds, t, n, ref_key, ref_regions)
                 noise_pred = self.retrinet.denoise(self.unet, latent_model_input, t, prompt_embeds, features,
                                                    group_index, retrieval_scale)
                 if do_cfg:

@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.concepts import (RULE_CUT, RULE_LOW_HEAD, RULE_NO_HEAD, RULE_NOTHING_BELOW, ConceptExtractor,
-                                load_image)
+                                concept_box, concept_region, load_image)
 from pipelines.detector import Detection, SamSegmenter, YoloDetector, export_yolo, load_yolo
 
 
@@ -248,3 +248,19 @@ def test_extractor_refines_only_when_asked():
     assert np.array_equal(np.asarray(ConceptExtractor(det).extract(img).mask), np.asarray(coarse))
     refined = np.asarray(ConceptExtractor(det, refine=True).extract(img).mask)
     assert np.array_equal(refined, np.asarray(mask))  # the picture's own figure, exactly
+
+
+def test_each_crop_knows_where_it_lies_in_the_pictures_square_frame():
+    img, (mask,) = scene()
+    ex = ConceptExtractor(FakeDetector([Detection((25, 10, 55, 35), 0.9)], [Detection((20, 10, 60, 110), 0.8, mask)]))
+    c = ex.extract(img)
+    w, h = img.size
+    assert c.region("figure") == pytest.approx(concept_region((0, 0, w, h), w, h))
+    assert c.region("face") == pytest.approx(concept_region((25, 10, 55, 35), w, h))
+    assert c.region("clothes") == pytest.approx(concept_region(concept_box("clothes", c.head_box, w, h, c.mask), w, h))
+    # the clothes crop and its region are the same box: its square holds the crop's size
+    x0, _, x1, _ = c.region("clothes")
+    assert (x1 - x0) * max(w, h) == pytest.approx(max(c.clothes.size))
+    assert ConceptExtractor(FakeDetector([], [])).extract(img).region("face") is None  # no head, no face region
+    with pytest.raises(ValueError, match="unknown concept"):
+        c.region("hat")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.concepts import (check_box, composition_concept, concept_box, crop_concept, remove_background,
-                                resize_and_pad, resolve_concept, scale_box)
+from pipelines.concepts import (check_box, composition_concept, concept_box, concept_region, crop_concept,
+                                remove_background, resize_and_pad, resolve_concept, scale_box)
 
 
 def figure(w=60, h=90, head=(20, 5, 40, 30), body=(15, 25, 45, 85), bg=(0, 200, 0)):
@@ -101,3 +101,17 @@ def test_resize_and_pad_keeps_aspect_and_reports_the_valid_area():
     assert scale_box([20, 5, 40, 30], 60, 90, 30) == (11, 1, 19, 10)  # 5 + 20/3, 5/3, 5 + 40/3, 30/3, rounded outwards
     with pytest.raises(ValueError, match="positive"):
         resize_and_pad(img, 0)
+
+
+def test_concept_region_is_the_references_square_in_its_pictures_square_frame():
+    # a square picture: the whole picture is the frame; a 10x20 face box becomes a 20x20 square around its centre
+    assert concept_region((0, 0, 64, 64), 64, 64) == pytest.approx((0, 0, 1, 1))
+    assert concept_region((27, 4, 37, 24), 64, 64) == pytest.approx((22 / 64, 4 / 64, 42 / 64, 24 / 64))
+    # a tall picture (48x64) is centred in a 64-pixel frame, 8 pixels of padding on either side: the whole picture,
+    # padded as the frame is, is the frame; its lower half a 48-pixel square around (32, 48) of the frame
+    assert concept_region((0, 0, 48, 64), 48, 64) == pytest.approx((0, 0, 1, 1))
+    assert concept_region((0, 32, 48, 64), 48, 64) == pytest.approx((8 / 64, 24 / 64, 56 / 64, 72 / 64))
+    with pytest.raises(ValueError, match="empty"):
+        concept_region((10, 10, 10, 20), 64, 64)
+    with pytest.raises(ValueError, match="empty 0x64"):
+        concept_region((0, 0, 1, 1), 0, 64)

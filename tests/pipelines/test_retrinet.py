@@ -219,6 +219,97 @@ def test_retrieval_max_keys_pools_the_large_skips_and_only_them(components, tmp_
         RetriNetModel.from_unet(unet, retrieval_max_keys=0)
 
 
+def test_region_positions_place_a_reference_grid_inside_the_frame():
+    from pipelines.retrinet.model import _positions, _region_positions
+
+    c = 32
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    for side in (4, 6, 8):  # the whole frame is _positions exactly, at every grid size
+        assert torch.allclose(_region_positions(full, side, side, c)[0], _positions(side, side, c), atol=1e-6)
+    # a reference cut from the frame's top left quarter: its 4x4 grid sits on the frame's 8x8 grid's top left 4x4
+    quarter = _region_positions(torch.tensor([[0.0, 0.0, 0.5, 0.5]]), 4, 4, c)[0].view(4, 4, c)
+    assert torch.allclose(quarter, _positions(8, 8, c).view(8, 8, c)[:4, :4], atol=1e-6)
+    # the bottom right quarter, and each row of a batch its own region
+    both = _region_positions(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]), 4, 4, c)
+    assert both.shape == (2, 16, c) and torch.allclose(both[0], quarter.view(16, c))
+    assert torch.allclose(both[1].view(4, 4, c), _positions(8, 8, c).view(8, 8, c)[4:, 4:], atol=1e-6)
+
+
+def test_control_cross_attention_takes_one_key_position_per_reference():
+    from pipelines.retrinet.model import _positions
+
+    torch.manual_seed(0)
+    side, c, n = 4, 16, 2
+    cca = ControlCrossAttention(c, 2)
+    for p in cca.parameters():
+        nn.init.normal_(p, std=0.3)
+    pos = _positions(side, side, c)
+    hs, groups = torch.randn(3, side * side, c), torch.randn(2 * n, side * side, c)
+    index = torch.tensor([1, 0, 1])
+    shared = cca(hs, groups, index, n, query_pos=pos, key_pos=pos)
+    assert torch.allclose(cca(hs, groups, index, n, query_pos=pos, key_pos=pos.expand(2 * n, -1, -1)), shared,
+                          atol=1e-6)  # the same position for every reference row: as before
+    own = pos.expand(2 * n, -1, -1).clone()
+    own[1] = pos.flip(0)  # the second reference of each group placed elsewhere
+    own[3] = pos.flip(0)
+    moved = cca(hs, groups, index, n, query_pos=pos, key_pos=own)
+    assert (moved - shared).abs().max() > 1e-3
+    per_sample = groups.view(2, n, side * side, c)[index].reshape(3 * n, side * side, c)
+    own_per_sample = own.view(2, n, side * side, c)[index].reshape(3 * n, side * side, c)
+    assert torch.allclose(cca(hs, per_sample, query_pos=pos, key_pos=own_per_sample), moved, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        cca(hs, groups, index, n, query_pos=pos, key_pos=own[:-1])
+
+
+def test_retrieval_regions_move_the_keys_only_when_the_model_was_built_with_them(components, tmp_path):
+    unet = components["unet"]
+    placed = perturb(RetriNetModel.from_unet(unet, retrieval_positions=True))
+    regioned = RetriNetModel.from_unet(unet, retrieval_positions=True, retrieval_regions=True)
+    assert regioned.state_dict().keys() == placed.state_dict().keys()  # a switch of the config, no weights
+    regioned.load_state_dict(placed.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    lat, emb = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 77, 32, generator=gen)
+    x, ehs = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4)
+    faces = torch.tensor([[0.3, 0.05, 0.7, 0.45], [0.0, 0.0, 1.0, 1.0]] * 2)
+
+    def predict(model, regions):
+        with torch.no_grad():
+            return model.denoise(unet, x, 500, ehs, model(lat, 500, emb, 2, reference_regions=regions))
+
+    without = predict(placed, None)
+    assert torch.equal(predict(placed, faces), without)  # a model without retrieval_regions ignores them
+    assert torch.allclose(predict(regioned, None), without, atol=1e-6)  # no regions: every reference fills the frame
+    assert torch.allclose(predict(regioned, full), without, atol=1e-6)
+    moved = predict(regioned, faces)
+    assert (moved - without).abs().max() > 1e-4
+    regioned.save_pretrained(tmp_path / "rn")
+    loaded = RetriNetModel.from_pretrained(tmp_path / "rn")
+    assert loaded.config.retrieval_regions is True
+    assert torch.allclose(predict(loaded, faces), moved, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must be \(4, 4\)"):
+        regioned(lat, 500, emb, 2, reference_regions=faces[:3])
+    with pytest.raises(ValueError, match="x1 > x0"):
+        regioned(lat, 500, emb, 2, reference_regions=faces.flip(1))
+    with pytest.raises(ValueError, match="needs retrieval_positions"):
+        RetriNetModel.from_unet(unet, retrieval_regions=True)
+
+
+def test_pipeline_passes_each_references_region(components):
+    torch.manual_seed(1)
+    model = perturb(RetriNetModel.from_unet(components["unet"], retrieval_positions=True, retrieval_regions=True))
+    p = RetriNetPipeline(**components, retrinet=model)
+    p.set_progress_bar_config(disable=True)
+    face, clothes = picture((220, 40, 40)), picture((40, 40, 220))
+    plain = run(p, [Reference(face, "face"), Reference(clothes, "clothes")])
+    # no region is the whole frame; the regions reach the model, and the feature cache tells them apart
+    assert torch.equal(run(p, [Reference(face, "face", (0.0, 0.0, 1.0, 1.0)), Reference(clothes, "clothes")]), plain)
+    placed = run(p, [Reference(face, "face", (0.3, 0.0, 0.7, 0.4)), Reference(clothes, "clothes", (0, 0.4, 1, 1))])
+    assert (placed - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="x1 > x0"):
+        run(p, [Reference(face, "face", (0.7, 0.0, 0.3, 0.4)), Reference(clothes, "clothes")])
+
+
 # ---------------------------------------------------------------------------- the model
 
 def features_for(retrinet, g, n, seed=0, size=8):

@@ -206,3 +206,20 @@ def test_the_examples_compose(engine):
     assert all(c.head_box is not None for c in cards)  # the demo detector finds the heads of Toybooru pictures
     out = engine.compose(ComposeRequest("a girl", refs, steps=1, seed=0, width=32, height=32))
     assert len(out.pictures) == 1
+
+
+def test_each_reference_carries_where_it_was_cut_from(engine, pictures, monkeypatch):
+    """A crop reaches the pipeline with its region in the picture (what a RetriNet trained with
+    retrieval_regions reads); a whole picture with none."""
+    cut = engine._extract(pictures[0])
+    crop, concept, region = engine._reference(0, pictures[0], "face")
+    assert concept == "face" and crop.size == cut.face.size and region == cut.region("face")
+    assert 0 <= region[1] < region[3] <= 1
+    assert engine._reference(0, pictures[0], "whole")[1:] == ("figure", None)
+    seen = []
+    pipe = engine._model("retrinet")
+    call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **kw: seen.append(kw["references"]) or call(
+        self, *a, **kw))
+    compose(engine, pictures, num_images=1)
+    assert [r.region for r in seen[0]] == [cut.region("face"), engine._extract(pictures[1]).region("clothes")]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from pipelines.concepts import CLOTHES_MAX_HEAD_BOTTOM
+from pipelines.concepts import CLOTHES_MAX_HEAD_BOTTOM, concept_box, concept_region
 from training.data.retribooru import RetriBooruDataset, collate, prepare_reference, prompt_from_tags, to_tensor
 
 
@@ -54,11 +54,13 @@ def test_sample_shapes_and_ranges(toybooru, task, setting):
     assert s["reference_pixel_values"].shape == (3, 3, 64, 64)
     assert s["valid_mask"].shape == s["face_mask"].shape == (1, 64, 64)
     assert len(s["concepts"]) == len(s["reference_ids"]) == 3
+    assert s["reference_regions"].shape == (3, 4) and s["reference_regions"].dtype == torch.float32
     assert s["task"] in (("recon", "compose") if task == "multitask" else (task,))
     assert s["prompt"].startswith("1girl, solo, ")
     batch = collate([ds[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 3, 64, 64)
     assert batch["reference_pixel_values"].shape == (4, 3, 3, 64, 64)
+    assert batch["reference_regions"].shape == (4, 3, 4)
     assert len(batch["concepts"]) == 4 and all(len(c) == 3 for c in batch["concepts"])
 
 
@@ -73,6 +75,8 @@ def test_setting_b_never_uses_the_target(toybooru, toybooru_records):
         k = min(4, len(recs[s["id"]]["similar"]))
         assert len(set(s["reference_ids"])) == k
         assert s["concepts"] == ["figure"] * 4
+        # a figure is its whole picture, padded to a square as the frame is: the whole frame
+        assert torch.allclose(s["reference_regions"], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(4, 4))
 
 
 def test_setting_a_augments_the_target_itself(toybooru):
@@ -90,7 +94,8 @@ def test_compose_cuts_face_or_clothes_by_the_rules(toybooru, toybooru_records):
     seen = Counter()
     for i in range(len(ds)):
         s = ds[i]
-        for concept, rid, pixels in zip(s["concepts"], s["reference_ids"], s["reference_pixel_values"]):
+        for concept, rid, pixels, region in zip(s["concepts"], s["reference_ids"], s["reference_pixel_values"],
+                                                s["reference_regions"]):
             seen[concept] += 1
             src = recs[rid]
             low_head = src["face_bbox"][3] > CLOTHES_MAX_HEAD_BOTTOM * src["height"]
@@ -103,6 +108,9 @@ def test_compose_cuts_face_or_clothes_by_the_rules(toybooru, toybooru_records):
             expected, got = prepare_reference(image, mask, src["face_bbox"], concept, 48)
             assert got == concept
             assert torch.equal(pixels, to_tensor(expected))
+            w, h = src["width"], src["height"]
+            box = concept_box(concept, src["face_bbox"], w, h, mask)
+            assert region.tolist() == pytest.approx(concept_region(box, w, h))
     assert seen["face"] > 0 and seen["clothes"] > 0
     assert 0.35 < seen["face"] / sum(seen.values()) < 0.65
 

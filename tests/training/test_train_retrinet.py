@@ -239,7 +239,8 @@ def test_reference_gap_compares_own_other_and_no_references(tiny_sd, toybooru):
     # rolled by hand; and chunks give the same losses
     three = collate([ds[0], ds[len(ds) // 3], ds[2 * len(ds) // 3]])
     rolled = dict(three, reference_pixel_values=three["reference_pixel_values"].roll(1, 0),
-                  concepts=three["concepts"][-1:] + three["concepts"][:-1])
+                  concepts=three["concepts"][-1:] + three["concepts"][:-1],
+                  reference_regions=three["reference_regions"].roll(1, 0))
     gap3 = reference_gap(*parts, three, timesteps=(100, 900))
     assert reference_gap(*parts, rolled, timesteps=(100, 900))["own"] == pytest.approx(gap3["other"], rel=1e-5)
     assert gap3["other"] != pytest.approx(reference_gap(*parts, dict(three, reference_pixel_values=three[
@@ -450,8 +451,17 @@ def test_clear_errors_before_training(tiny_sd, toybooru, tmp_path):
     with pytest.raises(ValueError, match="does not fit this run"):
         main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o5", "--max-train-steps", 2, "--retrieval-max-keys", 16,
                              "--resume-from-checkpoint", "latest")))
+    # regions: saved in the RetriNet's config; asked of a RetriNet trained without them, an error
+    main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o10", "--max-train-steps", 1, "--retrieval-positions",
+                         "--retrieval-regions", "--task", "compose")))
+    assert RetriNetModel.from_pretrained(tmp_path / "o10" / "retrinet").config.retrieval_regions is True
+    with pytest.raises(ValueError, match="trained without them"):
+        main(parse_args(argv(tiny_sd, toybooru, tmp_path / "o11", "--max-train-steps", 1, "--retrinet",
+                             tmp_path / "o5" / "retrinet", "--unet", tmp_path / "o5" / "unet", "--retrieval-positions",
+                             "--retrieval-regions")))
     for bad in (["--task", "paint"], ["--lock", "all"], ["--setting", "c"], ["--mixed-precision", "fp8"],
-                ["--num-references", "0"], ["--prompt-dropout", "1.5"], ["--retrieval-max-keys", "0"]):
+                ["--num-references", "0"], ["--prompt-dropout", "1.5"], ["--retrieval-max-keys", "0"],
+                ["--retrieval-regions"]):
         with pytest.raises(SystemExit):
             parse_args(argv(tiny_sd, toybooru, tmp_path / "o6", *bad))
 

@@ -39,7 +39,15 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.concepts import check_box, composition_concept, crop_concept, resize_and_pad, scale_box
+from pipelines.concepts import (
+    check_box,
+    composition_concept,
+    concept_box,
+    concept_region,
+    crop_concept,
+    resize_and_pad,
+    scale_box,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +124,13 @@ def prepare_reference(image: Image.Image, mask: Image.Image, face_bbox, concept:
     return padded, concept
 
 
+def reference_region(image: Image.Image, mask: Image.Image, face_bbox, concept: str) -> tuple[float, ...]:
+    """Where ``prepare_reference``'s picture of ``concept`` (already resolved) lies in its source picture's square
+    frame (``pipelines.concepts.concept_region``)."""
+    w, h = image.size
+    return concept_region(concept_box(concept, face_bbox, w, h, mask), w, h)
+
+
 def box_mask(box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     """A (1, size, size) tensor that is 1 inside ``box`` and 0 outside."""
     m = torch.zeros(1, size, size)
@@ -126,11 +141,13 @@ def box_mask(box: tuple[int, int, int, int], size: int) -> torch.Tensor:
 
 @dataclass
 class Reference:
-    """One prepared reference: the padded picture and the concept word it is captioned with."""
+    """One prepared reference: the padded picture, the concept word it is captioned with, and where it lies in
+    its source picture's square frame (``reference_region``)."""
 
     image: Image.Image
     concept: str
     source_id: str
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 
 
 class CorruptFile(ValueError):
@@ -159,8 +176,9 @@ class RetriBooruDataset(Dataset):
 
     Each item is a dict: ``id``; ``pixel_values`` (3, R, R) in [-1, 1], the target;
     ``valid_mask`` and ``face_mask`` (1, R, R) in {0, 1}; ``prompt``; ``reference_pixel_values``
-    (N, 3, R, R) in [-1, 1]; ``concepts`` and ``reference_ids`` (N strings each); ``task``
-    ("recon" or "compose"). Use ``collate`` as the DataLoader's ``collate_fn``.
+    (N, 3, R, R) in [-1, 1]; ``concepts`` and ``reference_ids`` (N strings each);
+    ``reference_regions`` (N, 4), where each reference lies in its source picture's square frame
+    (``reference_region``); ``task`` ("recon" or "compose"). Use ``collate`` as the DataLoader's ``collate_fn``.
 
     ``prompt_tags``: "all" (the prompt is every tag of the target) or "neutral" (``neutral_tags``:
     no hair, eyes or clothes words, so what the character looks like can only come from the
@@ -288,6 +306,7 @@ class RetriBooruDataset(Dataset):
             "prompt": prompt_from_tags(rec["tags"] if self.prompt_tags == "all" else neutral_tags(rec)),
             "reference_pixel_values": torch.stack([to_tensor(r.image) for r in refs]),  # (N, 3, R, R)
             "concepts": [r.concept for r in refs],
+            "reference_regions": torch.tensor([r.region for r in refs], dtype=torch.float32),  # (N, 4)
             "reference_ids": [r.source_id for r in refs],
             "task": task,
         }
@@ -316,9 +335,10 @@ class RetriBooruDataset(Dataset):
             w, h = im.size
             concept = "figure" if task == "recon" else composition_concept(src["face_bbox"], w, h, rng, m)
             padded, concept = prepare_reference(im, m, src["face_bbox"], concept, self.resolution)
+            region = reference_region(im, m, src["face_bbox"], concept)
             if self.setting == "a":
                 padded = self._augmented(padded, rng)
-            refs.append(Reference(padded, concept, src["id"]))
+            refs.append(Reference(padded, concept, src["id"], region))
         return refs
 
     def _augmented(self, image: Image.Image, rng: random.Random) -> Image.Image:
