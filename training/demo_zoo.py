@@ -408,6 +408,18 @@ def _work_of(command: list[str]) -> str | None:
     return str(Path(command[command.index("--output-dir") + 1]).parents[1])
 
 
+def _needs(stages: dict[str, Stage], name: str) -> list[str]:
+    """The stages ``name`` needs, directly or through others, in the plan's order."""
+    seen: set[str] = set()
+    todo = list(stages[name].needs)
+    while todo:
+        need = todo.pop()
+        if need not in seen:
+            seen.add(need)
+            todo.extend(stages[need].needs)
+    return [n for n in stages if n in seen]
+
+
 def restore(stages: dict[str, Stage], work: Path, out: Path) -> dict[str, dict[str, Any]]:
     """Copy into ``work`` the shipped models of the stages in ``RESTORABLE`` that have not run there yet, when
     ``out/manifest.json`` recorded them with the plan's own command line (up to the work folder's path) and
@@ -431,6 +443,14 @@ def restore(stages: dict[str, Stage], work: Path, out: Path) -> dict[str, dict[s
         old_work = _work_of(record["command"])
         if old_work is None or [a.replace(old_work, str(work)) for a in record["command"]] != stage.command:
             logger.info("%s: the shipped one was trained by another command line; training it", name)
+            continue
+        # what it learnt from: the stages it needs, down to the data, run by the same command lines (the data
+        # stage's command has no --output-dir, so its work folder is the trained stage's)
+        changed = [need for need in _needs(stages, name)
+                   if [a.replace(old_work, str(work)) for a in records.get(need, {}).get("command", [])]
+                   != stages[need].command]
+        if changed:
+            logger.info("%s: the shipped one learnt from another %s; training it", name, ", ".join(changed))
             continue
         mine = {k: v for k, v in files.items() if Path(k).parts[0] == shipped}
         if not mine or any(not (out / k).is_file() or sha256(out / k) != v["sha256"] for k, v in mine.items()):

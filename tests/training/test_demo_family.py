@@ -615,6 +615,13 @@ def test_restore_takes_shipped_models_trained_by_the_plans_command_and_unchanged
     old = plan(old_work, out)
     records = {name: {"command": old[name].command, "steps": 7, "final_loss": 0.5} for name in ("clip", "judge")}
     write_manifest(out, records, seed=0)
+    assert restore(plan(work, out), work, out) == {}  # nothing says what data they learnt from
+    # trained on other data (another scene of Toybooru) by the same command lines: trained again
+    data = old["data"].command
+    write_manifest(out, {**records, "data": {"command": [*data[:-1], "demo"]}}, seed=0)
+    assert restore(plan(work, out), work, out) == {} and not (work / "runs").exists()
+    records["data"] = {"command": data}
+    write_manifest(out, records, seed=0)
 
     stages = plan(work, out)
     assert not stages["clip"].done() and not stages["judge"].done()

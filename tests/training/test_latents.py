@@ -1,6 +1,7 @@
 """The latent cache, the demo scene of Toybooru, neutral prompts, RetriNet's --cache-latents and the shipped VAE
 (the scripts' --cache-latents and --decoder-only on the tiny family: tests/training/test_demo_family.py)."""
 
+import itertools
 import json
 
 import pytest
@@ -174,3 +175,48 @@ def test_retrinet_objective_with_the_cache_equals_the_vae(tiny_sd, toybooru, set
     assert cached.cache_references == (setting == "b")
     assert len(cached.cache) == len(targets) + (len(references) if setting == "b" else 0)
 
+
+
+def _stripe_starts(min_step: float) -> list[int]:
+    """The rows where a striped garment's stripes start, down the middle column of a canvas at the cowboy shots'
+    64 px scale."""
+    import random
+
+    from training.data.toybooru import ARTISTS, _Canvas, _darker
+
+    canvas = _Canvas(0.45, ARTISTS[0], min_step=min_step)
+    canvas.patterned([(0, 0), (100, 0), (100, 150), (0, 150)], (200, 40, 40), "stripes", random.Random(0))
+    column = [canvas.rgba.getpixel((canvas.size[0] // 2, y))[:3] for y in range(canvas.size[1])]
+    tone = [c == _darker((200, 40, 40), 0.6) for c in column]  # the stripes' tone
+    return [y for y in range(1, len(tone)) if tone[y] and not tone[y - 1]]
+
+
+def test_demo_bold_scene_draws_the_cowboy_shots_with_coarser_patterns_and_pupils(tmp_path):
+    cowboy, _ = read_annotations(generate(tmp_path / "cowboy", 40, seed=3, size=64, scene="demo-cowboy"))
+    bold, _ = read_annotations(generate(tmp_path / "bold", 40, seed=3, size=64, scene="demo-bold"))
+    # the same pictures: clusters, tags, ground truth and head boxes, drawn from the same random numbers
+    for a, b in zip(cowboy, bold, strict=True):
+        assert (a["cluster"], a["tags"], a["face_bbox"], a["truth"]) == (b["cluster"], b["tags"], b["face_bbox"],
+                                                                        b["truth"])
+    # a plain outfit differs only in the head box (the pupils); a patterned one also on its garment
+    from PIL import Image, ImageChops
+
+    plain = patterned = 0
+    for a, b in zip(cowboy, bold):
+        diff = ImageChops.difference(Image.open(tmp_path / "cowboy" / a["file"]).convert("RGB"),
+                                     Image.open(tmp_path / "bold" / b["file"]).convert("RGB")).getbbox()
+        x0, y0, x1, y1 = a["face_bbox"]
+        assert diff is not None
+        inside = x0 - 1 <= diff[0] and y0 - 1 <= diff[1] and diff[2] <= x1 + 1 and diff[3] <= y1 + 1
+        if a["truth"]["pattern"] == "solid":
+            plain += 1
+            assert inside
+        else:
+            patterned += 1
+            assert diff[3] > y1 + 1  # below the head
+    assert plain and patterned
+    # the stripes repeat every 8 pixels of a 64 px picture (two cells of its 16 x 16 latent) instead of every 4
+    starts = _stripe_starts(8.0)
+    assert len(starts) >= 5 and {b - a for a, b in itertools.pairwise(starts)} <= {7, 8, 9}
+    starts = _stripe_starts(3.0)
+    assert {b - a for a, b in itertools.pairwise(starts)} <= {3, 4, 5}

@@ -20,6 +20,9 @@ full figures). At 64 px a full
 figure's eyes are 2 pixels wide and its patterns 1 to 2 pixels fine, which a 16 x 16 latent loses;
 a cowboy shot draws both at about 1.5 times the size, the skirts still in the picture (BENCHMARKS.md,
 "Cowboy shots", has what a family built on them reads).
+``--scene demo-bold`` draws the cowboy shots with bold features: patterns that repeat every eighth of the
+picture side (two cells of a 16 x 16 latent) and pupils shrunk to a dot, so that the iris's colour fills
+the eye; the same pictures otherwise.
 
 Run ``python -m training.data.toybooru --out DIR --num-images N --seed S --size PX [--scene SCENE]``.
 The same arguments give byte-identical files.
@@ -96,6 +99,9 @@ class Scene:
     figure_height: tuple[float, float]
     leans: tuple[float, ...]
     head_x: tuple[float, float]
+    # features drawn for a 16 x 16 latent: the garments' patterns at least an eighth of the picture side per period
+    # (two latent cells) and the eyes' pupils a small dot, so that the iris's colour fills most of the eye
+    bold: bool = False
 
 
 # "danbooru": the full variety (odd framings, scenery, small figures), as the detector and the data
@@ -108,6 +114,11 @@ SCENES = {
     "danbooru": Scene(FRAMINGS, BACKGROUNDS, (0.62, 0.95), LEANS, (0.3, 0.7)),
     "demo": Scene({"full": 1.0}, ("flat",), (0.9, 0.98), (0.0,), (0.42, 0.58)),
     "demo-cowboy": Scene({"full": 1.0}, ("flat",), (1.35, 1.45), (0.0,), (0.42, 0.58)),
+    # "demo-bold": the cowboy shots with bold features. At 64 px the cowboy shots' patterns repeat every 4 pixels,
+    # one cell of a 16 x 16 latent, and their pupils cover most of a 4-pixel eye: the demo family's autoencoder
+    # keeps the pattern on 39 % of its reconstructions and the eye colour on 71 % (v13's REPORT.md). The same
+    # characters, outfits, poses and random draws, only patterns and pupils drawn differently.
+    "demo-bold": Scene({"full": 1.0}, ("flat",), (1.35, 1.45), (0.0,), (0.42, 0.58), bold=True),
 }
 _BINARY = [0] * 128 + [255] * 128  # threshold look-up table for masks
 
@@ -278,8 +289,9 @@ _LAYER = (140.0, 215.0)
 class _Canvas:
     """Draws in figure units on an RGBA layer plus an L head mask of the same geometry."""
 
-    def __init__(self, k: float, artist: Artist):
+    def __init__(self, k: float, artist: Artist, min_step: float = 3.0):
         self.k = k
+        self.min_step = min_step  # the patterns' shortest period, in this layer's pixels
         self.size = (max(1, round(_LAYER[0] * k)), max(1, round(_LAYER[1] * k)))
         self.rgba = Image.new("RGBA", self.size, (0, 0, 0, 0))
         self.head = Image.new("L", self.size, 0)
@@ -324,7 +336,7 @@ class _Canvas:
         ImageDraw.Draw(region).polygon([(x - x0, y - y0) for x, y in zip(xs, ys)], fill=255)
         motif = Image.new("L", region.size, 0)
         md = ImageDraw.Draw(motif)
-        step = max(3.0, 9.0 * self.k)
+        step = max(self.min_step, 9.0 * self.k)
         if pattern == "stripes":
             w = max(1, round(step * 0.4))
             y = rng.uniform(0, step)
@@ -350,7 +362,7 @@ class _Canvas:
 
 
 def _draw_figure(canvas: _Canvas, char: Character, outfit: Outfit, artist: Artist, pose: Pose,
-                 rng: random.Random) -> None:
+                 rng: random.Random, bold: bool = False) -> None:
     sat = artist.saturation
     hair = _style(HAIR_COLORS[char.hair_color], sat)
     eyes = _style(EYE_COLORS[char.eye_color], sat)
@@ -409,7 +421,10 @@ def _draw_figure(canvas: _Canvas, char: Character, outfit: Outfit, artist: Artis
     for ex in (41, 59):
         c.ellipse((ex - 5, 30, ex + 5, 43), (255, 255, 255), outline=False)
         c.ellipse((ex - 4, 32, ex + 4, 43), eyes, outline=False)
-        c.ellipse((ex - 2, 35, ex + 2, 41), (20, 15, 25), outline=False)
+        if bold:  # a dot: the iris's colour fills the eye
+            c.ellipse((ex - 1, 37, ex + 1, 40), (20, 15, 25), outline=False)
+        else:
+            c.ellipse((ex - 2, 35, ex + 2, 41), (20, 15, 25), outline=False)
         c.ellipse((ex - 3, 32, ex - 0.5, 35), (255, 255, 255), outline=False)
     c.draw.line([c.p(47, 49), c.p(53, 49)], fill=c.line, width=max(1, c.lw // 2 + 1))
     c.poly([(28, 30), (31, 12), (50, 6), (69, 12), (72, 30), (64, 21), (57, 28), (50, 18), (43, 28), (36, 21)], hair)
@@ -502,8 +517,8 @@ def render(cluster: Cluster, size: int, rng: random.Random, scene: Scene = SCENE
         fig_h = rng.uniform(*scene.figure_height) * size
     ss = 2 if fig_h < size else 1  # supersampling: small figures are drawn twice as large, then reduced
     k = fig_h / 200.0
-    canvas = _Canvas(k * ss, artist)
-    _draw_figure(canvas, char, outfit, artist, pose, rng)
+    canvas = _Canvas(k * ss, artist, min_step=(size / 8 if scene.bold else 3.0) * ss)
+    _draw_figure(canvas, char, outfit, artist, pose, rng, bold=scene.bold)
     layer, head = canvas.rgba, canvas.head
     if ss > 1:
         layer = layer.reduce(ss)
