@@ -54,7 +54,6 @@ def bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     import torch
 
     import studio.sweep as sw
-    from pipelines.retrinet import Reference
     from pipelines.retrinet.pipeline import _FeatureCache
 
     torch.set_num_threads(2)
@@ -114,7 +113,7 @@ def bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
             def single_pictures(g, s, read=read, seeds=seeds):
                 for seed in seeds:
                     pipe.retrieval_cache = _FeatureCache(1 << 30)  # nothing shared with any other picture
-                    pipe(PROMPT, [Reference(*r) for r in read], num_inference_steps=grid["steps"],
+                    pipe(PROMPT, read, num_inference_steps=grid["steps"],
                          guidance_scale=g, retrieval_scale=s, num_images_per_prompt=1,
                          generator=[torch.Generator().manual_seed(seed)])
 

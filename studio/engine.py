@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
@@ -38,6 +38,9 @@ from studio.spaces import gpu, on_space
 from training.data import toybooru
 from training.data.retribooru import open_record, prepare_reference, read_annotations
 from training.files import replacing_folder
+
+if TYPE_CHECKING:
+    from pipelines.retrinet import Reference
 
 DEFAULT_TOYBOORU = {"num_images": 240, "seed": 0, "size": 128}
 EXAMPLES = ROOT / "assets" / "examples"  # bundled characters: <name>/character.json + pictures
@@ -435,18 +438,20 @@ class Engine:
         return ConceptCard(picture=cut.image, overlay=_overlay(cut.image, cut.mask, cut.head_box), mask=cut.mask,
                            head_box=cut.head_box, crops=crops, concept=concept, rule=cut.rule)
 
-    def _reference(self, index: int, image: Any, choice: str) -> tuple[Image.Image, str, tuple[float, ...] | None]:
-        """The picture the model reads for one reference, its concept word, and where it was cut from in the
-        picture (``ConceptCrops.region``; None for the whole picture)."""
+    def _reference(self, index: int, image: Any, choice: str) -> Reference:
+        """What the model reads for one reference: the picture, its concept word, and where it was cut from in
+        the picture (``ConceptCrops.region``; None for the whole picture)."""
+        from pipelines.retrinet import Reference
+
         picture = _picture(f"reference {index + 1}", image)
         if choice == WHOLE:
-            return picture, "figure", None
+            return Reference(picture, "figure")
         crops = self._extract(picture)
         cut = crops.crops().get(choice)
         if cut is None:
             raise ValueError(f"reference {index + 1}: no {choice} can be cut from this picture ({crops.rule}); "
                              f"choose 'figure' or 'whole'")
-        return cut, choice, crops.region(choice)
+        return Reference(cut, choice, crops.region(choice))
 
     # ------------------------------------------------------------------ compose: generation
 
@@ -480,18 +485,16 @@ class Engine:
         # 2. Cut the references, then generate
         references = [self._reference(i, image, choice) for i, (image, choice) in enumerate(refs)]
         pipe = self._model("retrinet")
-        from pipelines.retrinet import Reference
-
         with self._run_locks["retrinet"]:  # the scheduler holds per-call state
             images = _run(pipe, progress, seeds=_seeds(seed, n), prompt=prompt,
-                          references=[Reference(*r) for r in references], negative_prompt=negative or None,
+                          references=references, negative_prompt=negative or None,
                           num_inference_steps=steps, guidance_scale=guidance, retrieval_scale=retrieval,
                           num_images_per_prompt=n, height=height, width=width)
         settings = {"model": "retrinet", "family": self.zoo, "prompt": prompt, "negative_prompt": negative,
                     "steps": steps, "guidance": guidance, "retrieval_scale": retrieval,
                     "concepts": [choice for _, choice in refs], "width": images[0].width, "height": images[0].height}
         return Generation([Picture(im, s, settings) for im, s in zip(images, _seeds(seed, n))], seed,
-                          [(im, c) for im, c, _ in references])
+                          [(r.image, r.concept) for r in references])
 
     # ------------------------------------------------------------------ variations
 

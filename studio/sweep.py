@@ -281,7 +281,7 @@ def plan(engine: Engine, req: SweepRequest) -> tuple[Sweep, Callable[[], Iterato
         concepts = [c for _, c in refs]
         face_source = originals[concepts.index("face")] if "face" in concepts else originals[0]
         clothes_source = originals[concepts.index("clothes")] if "clothes" in concepts else originals[-1]
-        model_pictures = [r[0] for r in read]
+        model_pictures = [r.image for r in read]
     else:
         picture = _picture("picture", req.image)
         read, face_source, clothes_source, model_pictures = [], picture, picture, [picture]
@@ -294,9 +294,7 @@ def plan(engine: Engine, req: SweepRequest) -> tuple[Sweep, Callable[[], Iterato
     def generate(g: float, s: float | None, progress: Progress | None) -> list[Image.Image]:
         with lock:
             if req.model == "retrinet":
-                from pipelines.retrinet import Reference
-
-                return _run(pipe, progress, seeds=seeds, prompt=prompt, references=[Reference(*r) for r in read],
+                return _run(pipe, progress, seeds=seeds, prompt=prompt, references=read,
                             negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=g,
                             retrieval_scale=s, num_images_per_prompt=n, height=height, width=width)
             return _run(pipe, progress, seeds=seeds, image=model_pictures[0], num_images_per_prompt=n,
@@ -317,7 +315,7 @@ def plan(engine: Engine, req: SweepRequest) -> tuple[Sweep, Callable[[], Iterato
                         "steps": steps, "guidance": g, "width": images[0].width, "height": images[0].height}
             if s is not None:
                 settings["retrieval_scale"] = s
-                settings["concepts"] = [r[1] for r in read]
+                settings["concepts"] = [r.concept for r in read]
             cell = SweepCell(i, g, s, [Picture(im, sd, settings) for im, sd in zip(images, seeds)], scores,
                              _summary(scores), time.perf_counter() - t0)
             if cache is not None:

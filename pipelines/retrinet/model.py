@@ -296,7 +296,8 @@ class RetriNetModel(ModelMixin, ConfigMixin):
 
     def encode_references(self, reference_latents: torch.Tensor, timestep: torch.Tensor | float | int,
                           concept_embeds: torch.Tensor, num_references: int,
-                          reference_regions: torch.Tensor | None = None) -> RetrievalFeatures:
+                          reference_regions: torch.Tensor | None = None,
+                          key_positions: dict | None = None) -> RetrievalFeatures:
         """Run the retrieval encoder on G groups of ``num_references`` references.
 
         ``reference_latents`` (G * N, C, h, w): clean VAE latents, group-major; ``concept_embeds``
@@ -305,7 +306,10 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         was cut from, a box ``[x0, y0, x1, y1]`` in units of its picture's square frame (the
         picture padded to a square, as the target is; ``reference_region`` in
         ``training.data.retribooru`` computes it); read only by a model with ``retrieval_regions``,
-        which without them takes every reference to fill the frame.
+        which without them takes every reference to fill the frame. ``key_positions``: where the
+        features keep the regions' key positions once computed; a caller that encodes the same
+        references and regions at several timesteps passes one dict to all of them, so that the
+        positions are computed once (the features' own dict when None).
         """
         n = num_references
         if not 1 <= n <= self.config.max_references:
@@ -339,17 +343,18 @@ class RetriNetModel(ModelMixin, ConfigMixin):
         limit = self.config.retrieval_max_keys
         if limit:
             down = [_pool_to(d, limit) for d in down]
-        return RetrievalFeatures(tuple(down), mid, n, regions)
+        return RetrievalFeatures(tuple(down), mid, n, regions, {} if key_positions is None else key_positions)
 
     def forward(self, reference_latents: torch.Tensor, timestep, concept_embeds: torch.Tensor, num_references: int,
                 unet: UNet2DConditionModel | None = None, sample: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, group_index: torch.Tensor | None = None,
-                retrieval_scale: float = 1.0, reference_regions: torch.Tensor | None = None):
+                retrieval_scale: float = 1.0, reference_regions: torch.Tensor | None = None,
+                key_positions: dict | None = None):
         """Without ``unet``: the retrieval features (``encode_references``). With ``unet``, ``sample``
         and ``encoder_hidden_states``: the noise prediction of ``unet`` with the references injected,
         in one call, so that a ``DistributedDataParallel`` wrapper sees every parameter used."""
         features = self.encode_references(reference_latents, timestep, concept_embeds, num_references,
-                                          reference_regions)
+                                          reference_regions, key_positions)
         if unet is None:
             return features
         if sample is None or encoder_hidden_states is None:

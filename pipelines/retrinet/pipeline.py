@@ -211,10 +211,11 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
         return torch.stack([self._concept_embeds[(*key, w)] for w in concepts]).to(dtype=self.retrinet.dtype)
 
     def encode_references(self, groups: list[list[Reference]], size: int, device: torch.device,
-                          generator=None) -> tuple[torch.Tensor, torch.Tensor, str]:
+                          generator=None, regions: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Clean, scaled VAE latents (G * N, C, s, s) of the references, padded to squares of
         ``size`` pixels, their concept embeddings, and a content key for the feature cache (the
-        regions of ``reference_regions`` included)."""
+        regions included: ``regions``, or ``reference_regions`` of the groups when None)."""
         pixels = []
         for g in groups:
             for r in g:
@@ -226,7 +227,9 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
         embeds = self.encode_concepts(concepts, device)
         digest = hashlib.sha1(latents.float().cpu().numpy().tobytes())
         digest.update("|".join(concepts).encode())
-        digest.update(self.reference_regions(groups, device).numpy(force=True).tobytes())
+        if regions is None:
+            regions = self.reference_regions(groups, device)
+        digest.update(regions.numpy(force=True).tobytes())
         return latents.to(self.retrinet.dtype), embeds, digest.hexdigest()
 
     def reference_regions(self, groups: list[list[Reference]], device: torch.device) -> torch.Tensor:
@@ -235,12 +238,15 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
         return check_regions(torch.tensor(regions, dtype=torch.float32), len(regions)).to(device)
 
     def retrieval_features(self, latents: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor, n: int,
-                           key: str, regions: torch.Tensor | None = None) -> RetrievalFeatures:
-        """The retrieval encoder's features at timestep ``t``: from the cache, or computed once."""
+                           key: str, regions: torch.Tensor | None = None,
+                           key_positions: dict | None = None) -> RetrievalFeatures:
+        """The retrieval encoder's features at timestep ``t``: from the cache, or computed once
+        (``key_positions``: shared by the features of every timestep of one call, see the model's
+        ``encode_references``)."""
         ck = (key, float(t), id(self.retrinet), str(latents.device), str(latents.dtype))
         feats = self.retrieval_cache.get(ck)
         if feats is None:
-            feats = self.retrinet(latents, t, embeds, n, reference_regions=regions)
+            feats = self.retrinet(latents, t, embeds, n, reference_regions=regions, key_positions=key_positions)
             self.retrieval_cache.put(ck, feats)
         return feats
 
@@ -307,8 +313,10 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
 
         # 3. Encode references; row r of the UNet batch reads reference group group_index[r]
         n = len(groups[0])
-        ref_latents, concept_embeds, ref_key = self.encode_references(groups, reference_size, device)
         ref_regions = self.reference_regions(groups, device)
+        ref_latents, concept_embeds, ref_key = self.encode_references(groups, reference_size, device,
+                                                                      regions=ref_regions)
+        key_positions: dict = {}  # the regions' key positions, computed at the first step for all of them
         group_index = torch.arange(batch, device=device) // num_images_per_prompt if len(groups) > 1 else \
             torch.zeros(batch, dtype=torch.long, device=device)
         if do_cfg:
@@ -330,7 +338,8 @@ class RetriNetPipeline(DiffusionPipeline, StableDiffusionMixin, TextualInversion
             for i, t in enumerate(timesteps):
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                features = self.retrieval_features(ref_latents, concept_embeds, t, n, ref_key, ref_regions)
+                features = self.retrieval_features(ref_latents, concept_embeds, t, n, ref_key, ref_regions,
+                                                   key_positions)
                 noise_pred = self.retrinet.denoise(self.unet, latent_model_input, t, prompt_embeds, features,
                                                    group_index, retrieval_scale)
                 if do_cfg:

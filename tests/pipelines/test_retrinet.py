@@ -310,6 +310,25 @@ def test_pipeline_passes_each_references_region(components):
         run(p, [Reference(face, "face", (0.7, 0.0, 0.3, 0.4)), Reference(clothes, "clothes")])
 
 
+def test_pipeline_computes_the_regions_key_positions_once_per_call(components, monkeypatch):
+    """They depend on the regions alone: one computation per grid size, not one per denoising step."""
+    import pipelines.retrinet.model as model_module
+
+    model = perturb(RetriNetModel.from_unet(components["unet"], retrieval_positions=True, retrieval_regions=True))
+    p = RetriNetPipeline(**components, retrinet=model)
+    p.set_progress_bar_config(disable=True)
+    refs = [Reference(picture((220, 40, 40)), "face", (0.3, 0.0, 0.7, 0.4)),
+            Reference(picture((40, 40, 220)), "clothes", (0, 0.4, 1, 1))]
+    before = run(p, refs, num_inference_steps=3)
+    grids = []
+    compute = model_module._region_positions
+    monkeypatch.setattr(model_module, "_region_positions",
+                        lambda regions, h, w, c: grids.append((h, w, c)) or compute(regions, h, w, c))
+    p.retrieval_cache.clear()
+    assert torch.equal(run(p, refs, num_inference_steps=3), before)  # the same pictures
+    assert grids and len(grids) == len(set(grids))  # each grid once, for all 3 steps
+
+
 # ---------------------------------------------------------------------------- the model
 
 def features_for(retrinet, g, n, seed=0, size=8):

@@ -212,10 +212,11 @@ def test_each_reference_carries_where_it_was_cut_from(engine, pictures, monkeypa
     """A crop reaches the pipeline with its region in the picture (what a RetriNet trained with
     retrieval_regions reads); a whole picture with none."""
     cut = engine._extract(pictures[0])
-    crop, concept, region = engine._reference(0, pictures[0], "face")
-    assert concept == "face" and crop.size == cut.face.size and region == cut.region("face")
-    assert 0 <= region[1] < region[3] <= 1
-    assert engine._reference(0, pictures[0], "whole")[1:] == ("figure", None)
+    face = engine._reference(0, pictures[0], "face")
+    assert face.concept == "face" and face.image.size == cut.face.size and face.region == cut.region("face")
+    assert 0 <= face.region[1] < face.region[3] <= 1
+    whole = engine._reference(0, pictures[0], "whole")
+    assert (whole.concept, whole.region) == ("figure", None) and whole.image.size == pictures[0].size
     seen = []
     pipe = engine._model("retrinet")
     call = type(pipe).__call__
