@@ -167,7 +167,7 @@ def plan(work: Path, out: Path, seed: int = 0) -> dict[str, Stage]:
         # 82.3 / 81.8 %). BENCHMARKS.md, "Cowboy shots", "Hard negatives for the cowboy CLIP" and "v11, shipped"
         Stage("data", "training.data.toybooru",
               ["--out", str(data), "--num-images", "10000", "--seed", str(seed), "--size", "64", "--scene",
-               "demo-cowboy"],
+               "demo-bold"],
               lambda: (data / "annotations.jsonl").is_file(), minutes=0.25),
         # batch 8 and a colour loss of 30 (session 13): the judge reads hair and outfit colour on 80.7 % of the test
         # pictures' reconstructions, against 38.5 % for v6's VAE (batch 32, colour loss 1, 1500 steps, and a second
