@@ -280,15 +280,23 @@ def chain_minutes(stages: dict[str, Stage]) -> dict[str, float]:
 
 
 def _takes_a_slot_it_needs(stage: Stage, pending: list[Stage], running: set[str], finished: set[str],
-                           chains: dict[str, float], free: int) -> bool:
+                           chains: dict[str, float], free: int, left: dict[str, float] | None = None) -> bool:
     """Whether starting ``stage`` now would keep a longer chain waiting: the stages ahead of it, each about to be
     ready (waiting only for running stages), would find fewer slots than there are of them, counting the slots
-    the stages they wait for give back."""
+    the stages they wait for give back. ``left``: the minutes each running stage has still to run (its
+    ``minutes`` less the time it has run); a stage that should be done before the first of the stages ahead is
+    ready keeps nothing waiting, and runs on a slot that would otherwise stay idle."""
     ahead = [s for s in pending if chains[s.name] > chains[stage.name] and s.needs
              and all(n in finished or n in running for n in s.needs)
              and not all(n in finished for n in s.needs)]
+    if not ahead:
+        return False
+    if left is not None:
+        ready_in = min(max(left.get(n, 0.0) for n in s.needs if n in running) for s in ahead)
+        if stage.minutes <= ready_in:
+            return False
     given_back = {n for s in ahead for n in s.needs if n in running}
-    return bool(ahead) and free - 1 + len(given_back) < len(ahead)
+    return free - 1 + len(given_back) < len(ahead)
 
 
 def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] | None = None) -> dict[str, Any]:
@@ -339,8 +347,10 @@ def run_stages(stages: dict[str, Stage], work: Path, jobs: int, only: set[str] |
                     pending.remove(stage)
                     finished.add(stage.name)
                     continue
+                left = {n: max(0.0, stages[n].minutes - (time.perf_counter() - t0) / 60)
+                        for n, (_, t0, _) in running.items()}
                 if len(running) < jobs and all(n in finished for n in stage.needs) and not _takes_a_slot_it_needs(
-                        stage, pending, set(running), finished, chains, jobs - len(running)):
+                        stage, pending, set(running), finished, chains, jobs - len(running), left):
                     ready = sum(all(n in finished for n in s.needs) for s in pending)
                     # the CPU threads are shared by what runs now and what could start with it
                     threads = max(1, cpus // max(1, min(jobs, len(running) + ready)))
@@ -412,6 +422,11 @@ def _work_of(command: list[str]) -> str | None:
     return str(Path(command[command.index("--output-dir") + 1]).parents[1])
 
 
+def _same_command(record: dict[str, Any], command: list[str], old_work: str, work: Path) -> bool:
+    """Whether a shipped stage record ran ``command``, once the work folder it ran in is read as ``work``."""
+    return [a.replace(old_work, str(work)) for a in record.get("command", [])] == command
+
+
 def _needs(stages: dict[str, Stage], name: str) -> list[str]:
     """The stages ``name`` needs, directly or through others, in the plan's order."""
     seen: set[str] = set()
@@ -445,14 +460,13 @@ def restore(stages: dict[str, Stage], work: Path, out: Path) -> dict[str, dict[s
         if stage is None or stage.done() or not record.get("command"):
             continue
         old_work = _work_of(record["command"])
-        if old_work is None or [a.replace(old_work, str(work)) for a in record["command"]] != stage.command:
+        if old_work is None or not _same_command(record, stage.command, old_work, work):
             logger.info("%s: the shipped one was trained by another command line; training it", name)
             continue
         # what it learnt from: the stages it needs, down to the data, run by the same command lines (the data
         # stage's command has no --output-dir, so its work folder is the trained stage's)
         changed = [need for need in _needs(stages, name)
-                   if [a.replace(old_work, str(work)) for a in records.get(need, {}).get("command", [])]
-                   != stages[need].command]
+                   if not _same_command(records.get(need, {}), stages[need].command, old_work, work)]
         if changed:
             logger.info("%s: the shipped one learnt from another %s; training it", name, ", ".join(changed))
             continue

@@ -846,9 +846,12 @@ def test_longest_chains_start_first_and_a_short_one_keeps_no_slot_they_are_about
     run_stages(stages, work, jobs=2)
     events = log.read_text().split("\n")
     # in the plan's order with no look-ahead, the detector would have started beside the data and kept the CLIP
-    # waiting; here it waits for the data, so the CLIP and the VAE start first
-    assert events.index("start data-det") > events.index("start clip") > events.index("end data")
-    assert events.index("start data-det") > events.index("start vae")
+    # waiting; here it waits for the data, so the CLIP and the VAE start first. Its data (0.2 min) should be done
+    # before the data (0.25 min) are: they take the idle slot beside them
+    assert events.index("start detector") > events.index("start clip") > events.index("end data")
+    assert events.index("start detector") > events.index("start vae")
+    assert events.index("start data") < events.index("start data-det") < events.index("end data-det") < \
+        events.index("end data")
     assert sorted(e for e in events if e.startswith("end")) == sorted(f"end {n}" for n in stages)
     assert events.index("start base") > max(events.index("end vae"), events.index("end clip"))
     with pytest.raises(ValueError, match="cycle"):
@@ -857,6 +860,31 @@ def test_longest_chains_start_first_and_a_short_one_keeps_no_slot_they_are_about
     real = chain_minutes(plan(tmp_path / "w", tmp_path / "o"))
     assert max(real, key=real.get) == "data"
     assert real["clip"] > real["vae"] > real["judge"] > real["data-det"]  # 10 detector epochs: 11 min
+
+
+def test_a_short_stage_takes_an_idle_slot_when_it_ends_before_the_longer_chains_are_ready():
+    """v14's build: with the VAE done and the CLIP running, the judge (23 min) waited for the CLIP's 33 minutes
+    left, holding a core idle, so that the base and its twin could start together. A stage that should be done
+    before the stages ahead of it are ready keeps nothing waiting."""
+    from training.demo_zoo import Stage, _takes_a_slot_it_needs, chain_minutes
+
+    def stage(name, minutes, needs=()):
+        return Stage(name, "m", [], lambda: False, needs, minutes=minutes)
+
+    stages = {s.name: s for s in [stage("data", 0.25), stage("vae", 16, ("data",)), stage("clip", 40, ("data",)),
+                                  stage("judge", 23, ("data",)), stage("twin", 17, ("vae", "clip")),
+                                  stage("base", 26, ("vae", "clip")), stage("retrinet", 57, ("twin",))]}
+    chains = chain_minutes(stages)
+    pending = [stages[n] for n in ("twin", "retrinet", "base", "judge")]
+    running, finished = {"clip"}, {"data", "vae"}
+    # no estimate of what is left: the judge waits (the two stages ahead would find one slot)
+    assert _takes_a_slot_it_needs(stages["judge"], pending, running, finished, chains, free=1)
+    # the CLIP has 33 minutes left, the judge needs 23: it is done before the twin and the base are ready
+    assert not _takes_a_slot_it_needs(stages["judge"], pending, running, finished, chains, free=1, left={"clip": 33})
+    # with 10 minutes left it would still run when they are: it waits
+    assert _takes_a_slot_it_needs(stages["judge"], pending, running, finished, chains, free=1, left={"clip": 10})
+    # two free slots: nothing to wait for either way
+    assert not _takes_a_slot_it_needs(stages["judge"], pending, running, finished, chains, free=2, left={"clip": 10})
 
 
 def test_a_terminated_build_stops_the_stages_it_started(tmp_path):

@@ -176,7 +176,6 @@ def test_retrinet_objective_with_the_cache_equals_the_vae(tiny_sd, toybooru, set
     assert len(cached.cache) == len(targets) + (len(references) if setting == "b" else 0)
 
 
-
 def _stripe_starts(min_step: float) -> list[int]:
     """The rows where a striped garment's stripes start, down the middle column of a canvas at the cowboy shots'
     64 px scale."""
