@@ -1054,6 +1054,22 @@ def test_package_and_report_on_a_tiny_family(family, toybooru, tmp_path, monkeyp
     with pytest.raises(SystemExit):  # a base and a RetriNet candidate at once
         demo_report.main(["--work", str(work), "--base", str(out / "base"), "--pipeline", str(out / "retrinet")])
 
+    # the denoiser probes on the tiny family: rates, errors that grow with the noise, and a clear error without data
+    from training import denoiser_probe
+    probe = denoiser_probe.main(["--out", str(out), "--work", str(work), "--samples", "4",
+                                 "--json", str(tmp_path / "probe.json")])
+    assert json.loads((tmp_path / "probe.json").read_text()) == probe and probe["pictures"] == 4
+    assert set(probe["decoder"]) == {str(s) for s in denoiser_probe.SIGMAS}
+    assert set(probe["img2img"]) == {str(s) for s in denoiser_probe.STRENGTHS}
+    readings = [probe["real"], *probe["decoder"].values(), *probe["img2img"].values(), *probe["x0"].values(),
+                *(r for name in ("self", "others", "none") for r in probe["self_reference"][name].values())]
+    assert all(0 <= r[k] <= 1 for r in readings for k in denoiser_probe.ATTRIBUTES)
+    for steps in (probe["x0"], probe["self_reference"]["self"]):
+        noisy = [steps[str(t)]["noisy_rms"] for t in denoiser_probe.TIMESTEPS]
+        assert noisy == sorted(noisy) and noisy[0] > 0
+    with pytest.raises(SystemExit):
+        denoiser_probe.main(["--out", str(out), "--work", str(tmp_path / "nowhere")])
+
     # an unfinished -a run: the report compares both settings at their last common checkpoint
     from pipelines.retrinet import RetriNetModel, RetriNetPipeline
     final_a = RetriNetModel.from_pretrained(runs / "retrinet-a" / "retrinet").state_dict()
@@ -1200,3 +1216,40 @@ def test_the_reference_gap_batch_needs_two_test_samples(toybooru, monkeypatch):
     monkeypatch.setattr(train_retrinet, "gap_batch", lambda ds, samples: None)  # a split of fewer than 2
     with pytest.raises(ValueError, match="fewer than 2"):
         demo_report.gap_samples(toybooru, 0, 4)
+
+
+def test_the_denoiser_probe_turns_each_parametrisation_into_x0():
+    """An oracle that returns the true noise (or v, or x0) has no error at any timestep; a model that returns the
+    noisy latent as its x0 has the noisy latent's own error."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from training.denoiser_probe import one_step_x0
+
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5),
+                          decode=lambda z: SimpleNamespace(sample=torch.zeros(len(z), 3, 8, 8)))
+    judge = SimpleNamespace(predict=lambda pixels: [{"hair_color": "red", "eye_color": "red", "cloth_color": "red",
+                                                     "pattern": "solid"}] * len(pixels))
+    truths = [{"hair_color": "red", "eye_color": "blue", "cloth_color": "red", "pattern": "solid"}] * 3
+    for kind in ("epsilon", "v_prediction", "sample"):
+        scheduler = DDPMScheduler(prediction_type=kind)
+        ab = scheduler.alphas_cumprod
+
+        def oracle(z, t, kind=kind, ab=ab):
+            a = ab[t]
+            eps = (z - a.sqrt() * latents) / (1 - a).sqrt()
+            return {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * latents, "sample": latents}[kind]
+
+        got = one_step_x0(oracle, vae, scheduler, judge, latents, truths, timesteps=(10, 500))
+        assert all(got[t]["rms"] < 1e-4 for t in ("10", "500")), kind
+        assert got["10"]["noisy_rms"] < got["500"]["noisy_rms"]
+        assert got["10"]["hair_color"] == 1.0 and got["10"]["eye_color"] == 0.0
+    lazy = one_step_x0(lambda z, t: z / scheduler.alphas_cumprod[t].sqrt(), vae, scheduler, judge, latents, truths,
+                       timesteps=(300,))
+    assert lazy["300"]["rms"] == pytest.approx(lazy["300"]["noisy_rms"], rel=1e-5)
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        one_step_x0(lambda z, t: z, vae, SimpleNamespace(config=SimpleNamespace(prediction_type="flow"),
+                                                         alphas_cumprod=scheduler.alphas_cumprod),
+                    judge, latents, truths, timesteps=(10,))
