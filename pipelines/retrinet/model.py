@@ -73,8 +73,11 @@ class RetrievalFeatures:
     def num_groups(self) -> int:
         return self.mid.shape[0] // self.num_references
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.down, self.mid, *self.key_positions.values()))
+    def nbytes(self, key_positions: bool = True) -> int:
+        """The bytes of the features, and of the key positions computed so far unless ``key_positions`` is False
+        (they are shared by the features of every timestep of one call)."""
+        tensors = (*self.down, self.mid, *(self.key_positions.values() if key_positions else ()))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass

@@ -51,14 +51,21 @@ class RetriNetPipelineOutput(BaseOutput):
 
 
 class _FeatureCache:
-    """A bounded LRU cache of retrieval features, keyed by (references, concepts, timestep, model)."""
+    """A bounded LRU cache of retrieval features, keyed by (references, concepts, timestep, model). The features of
+    one call's timesteps share one dict of key positions (``RetrievalFeatures.key_positions``), filled as the call
+    runs: it is counted once, at its size when the cache last changed."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._items: OrderedDict[tuple, RetrievalFeatures] = OrderedDict()
-        self._bytes = 0
+        self._own = 0  # the entries' own tensors
+        self._shared: dict[int, tuple[dict, int]] = {}  # id of a key-positions dict -> (it, entries holding it)
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+
+    def nbytes(self) -> int:
+        """The bytes held: every entry's features, and each key-positions dict once."""
+        return self._own + sum(t.numel() * t.element_size() for d, _ in self._shared.values() for t in d.values())
 
     def get(self, key: tuple) -> RetrievalFeatures | None:
         with self._lock:
@@ -71,22 +78,29 @@ class _FeatureCache:
             return item
 
     def put(self, key: tuple, value: RetrievalFeatures) -> None:
-        size = value.nbytes()
-        if size > self.max_bytes:
+        if value.nbytes() > self.max_bytes:
             return
         with self._lock:
             if key in self._items:
                 return
             self._items[key] = value
-            self._bytes += size
-            while self._bytes > self.max_bytes:
+            self._own += value.nbytes(key_positions=False)
+            shared, held = self._shared.get(id(value.key_positions), (value.key_positions, 0))
+            self._shared[id(shared)] = (shared, held + 1)
+            while self.nbytes() > self.max_bytes:
                 _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes()
+                self._own -= old.nbytes(key_positions=False)
+                shared, held = self._shared[id(old.key_positions)]
+                if held == 1:
+                    del self._shared[id(shared)]
+                else:
+                    self._shared[id(shared)] = (shared, held - 1)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-            self._bytes = 0
+            self._shared.clear()
+            self._own = 0
 
     def __len__(self) -> int:
         return len(self._items)

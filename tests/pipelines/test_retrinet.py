@@ -557,10 +557,45 @@ def test_sweeps_reuse_features_from_a_bounded_cache(pipe):
         pipe.retrieval_cache.clear()
         pipe.retrieval_cache.max_bytes = 2 * one
         run(pipe)
-        assert len(pipe.retrieval_cache) == 2 and pipe.retrieval_cache._bytes <= 2 * one
+        assert len(pipe.retrieval_cache) == 2 and pipe.retrieval_cache.nbytes() <= 2 * one
     finally:
         handle.remove()
         pipe.retrieval_cache.max_bytes = 1 << 30
+
+
+def test_the_feature_cache_counts_a_calls_shared_key_positions_once():
+    """The features of one call's timesteps share one dict of key positions, filled by the call's first UNet step
+    after its features went into the cache: the cache holds it once, at its present size, and frees it with the
+    last entry holding it."""
+    from pipelines.retrinet.model import RetrievalFeatures
+    from pipelines.retrinet.pipeline import _FeatureCache
+
+    shared: dict = {}
+
+    def features(positions=shared):
+        return RetrievalFeatures((torch.zeros(2, 4, 4, 4),), torch.zeros(2, 8, 2, 2), 2, torch.zeros(2, 4), positions)
+
+    own = features().nbytes(key_positions=False)
+    assert own == (2 * 4 * 16 + 2 * 8 * 4) * 4
+    cache = _FeatureCache(max_bytes=1 << 20)
+    cache.put(("call", 1), features())  # the first step: no positions computed yet
+    shared["pos"] = torch.zeros(2, 16, 4)  # the first step's UNet computes them, into the shared dict
+    positions = shared["pos"].numel() * 4
+    cache.put(("call", 2), features())
+    cache.put(("call", 3), features())
+    assert cache.nbytes() == 3 * own + positions  # not 3 * (own + positions), nor 3 * own
+    cache.max_bytes = 2 * own + positions  # room for two entries and their dict: the oldest goes
+    cache.put(("call", 4), features())
+    assert len(cache) == 2 and set(cache._items) == {("call", 3), ("call", 4)}
+    assert cache.nbytes() == 2 * own + positions
+    cache.max_bytes = 2 * own + positions + own  # another call's features, with a dict of their own (empty)
+    cache.put(("other", 1), features({}))
+    assert len(cache) == 3 and cache.nbytes() == 3 * own + positions
+    cache.max_bytes = own  # only the newest fits: the first call's dict goes with its last entry
+    cache.put(("other", 2), features(cache._items[("other", 1)].key_positions))
+    assert list(cache._items) == [("other", 2)] and cache.nbytes() == own
+    cache.clear()
+    assert cache.nbytes() == 0 and len(cache) == 0
 
 
 def test_pipeline_round_trips_through_save_pretrained(tmp_path, pipe):
