@@ -10,7 +10,9 @@ only, K copies of it (1 when K is not given), each with the attribute words of a
 its tags swapped ("green kimono, blue sash" against "blue kimono, green sash"): NegCLIP's swap
 negatives (Yuksekgonul et al., 2023, "When and why vision-language models behave like
 bags-of-words"), which a tower that reads its caption as a bag of words cannot rank below the
-truth. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
+truth. ``--pattern-words`` adds replace negatives for the patterns (NegCLIP's other kind): a caption naming
+one of them also meets itself with that pattern replaced by another ("plaid kimono" for "striped kimono"),
+first among its K. The tokenizer is ``--tokenizer`` or, by default, a word-level ``CLIPTokenizer`` built
 from the folder's tag vocabulary (``pipelines.components.write_word_tokenizer``). The model,
 its tokenizer and an image processor that matches the training transform are saved to
 ``OUT/clip``, loadable with ``CLIPModel`` / ``CLIPProcessor.from_pretrained``.
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hard-negatives", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="add to each picture's negatives K copies of its caption (1 if K is not given), each with "
                         "the attribute words of two tags swapped (default: none)")
+    p.add_argument("--pattern-words", default=None, metavar="W1,W2,...",
+                   help="with --hard-negatives: draw first, for a caption naming one of these patterns (tag words, "
+                        "e.g. striped,plaid,polka_dot), negatives that replace it with another")
     add_training_arguments(p, learning_rate=5e-4, batch_size=128, max_train_steps=1000, checkpointing_steps=100)
     args = p.parse_args(argv)
     check_training_arguments(p, args)
@@ -57,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tag-dropout must be in [0, 1)")
     if args.hard_negatives < 0:
         p.error("--hard-negatives must not be negative")
+    args.patterns = tuple(w.strip().replace("_", " ") for w in (args.pattern_words or "").split(",") if w.strip())
+    if args.pattern_words is not None and (not args.hard_negatives or len(args.patterns) < 2):
+        p.error("--pattern-words needs --hard-negatives and at least two pattern words")
     return args
 
 
@@ -133,12 +141,32 @@ def swap_attributes(caption: str, attributes: frozenset[str], rng: random.Random
     return found
 
 
+def replace_patterns(caption: str, patterns: tuple[str, ...], rng: random.Random, count: int = 1) -> list[str]:
+    """Up to ``count`` copies of ``caption`` (comma-separated tags), each with the pattern word of one of its tags
+    ("striped kimono") replaced by another of ``patterns`` ("plaid kimono"; words as the captions write them,
+    "polka dot"), drawn by ``rng`` among the replacements that name a tag the caption does not have. A swap
+    negative moves a pattern word to another garment; only a replacement asks which pattern it is."""
+    if not patterns:
+        return []
+    tags = caption.split(", ")
+    options = [(i, f"{q} {tag[len(p) + 1:]}") for i, tag in enumerate(tags) for p in patterns
+               if tag.startswith(p + " ") for q in patterns if q != p and f"{q} {tag[len(p) + 1:]}" not in tags]
+    rng.shuffle(options)
+    return [", ".join([*tags[:i], new, *tags[i + 1:]]) for i, new in options[:count]]
+
+
 def hard_negatives(captions: list[str], attributes: frozenset[str], seed: int,
-                   count: int = 1) -> tuple[list[str], list[list[bool]]]:
-    """``count`` swap negatives of each caption (``swap_attributes``, drawn from the caption and ``seed``
-    alone, so a resumed run draws what the first did) as ``count`` blocks of ``len(captions)``, the
-    caption itself where it has fewer, and (count, len(captions)) flags of which are real."""
-    drawn = [swap_attributes(c, attributes, random.Random(zlib.crc32(c.encode()) ^ seed), count) for c in captions]
+                   count: int = 1, patterns: tuple[str, ...] = ()) -> tuple[list[str], list[list[bool]]]:
+    """``count`` hard negatives of each caption, drawn from the caption and ``seed`` alone (so a resumed run
+    draws what the first did): first pattern replacements (``replace_patterns``, with ``patterns``), then swaps
+    (``swap_attributes``); as ``count`` blocks of ``len(captions)``, the caption itself where it has fewer, and
+    (count, len(captions)) flags of which are real."""
+    drawn = []
+    for c in captions:
+        rng = random.Random(zlib.crc32(c.encode()) ^ seed)
+        replaced = replace_patterns(c, patterns, rng, count)
+        drawn.append(replaced + swap_attributes(c, attributes, rng, count - len(replaced)) if len(replaced) < count
+                     else replaced)
     negatives = [d[k] if k < len(d) else c for k in range(count) for c, d in zip(captions, drawn)]
     return negatives, [[k < len(d) for d in drawn] for k in range(count)]
 
@@ -200,6 +228,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     signature["clip"].pop("transformers_version", None)
     if args.hard_negatives:
         signature["hard_negatives"] = args.hard_negatives
+        if args.patterns:
+            signature["pattern_words"] = list(args.patterns)
         attributes = attribute_words(caption_words(args.data))
         if not attributes:
             raise ValueError(f"--hard-negatives: the tags of {args.data} have no attribute word to swap "
@@ -212,7 +242,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     def loss_fn(batch):
         captions, negatives = batch["caption"], None
         if args.hard_negatives:
-            swapped, valid = hard_negatives(captions, attributes, args.seed, args.hard_negatives)
+            swapped, valid = hard_negatives(captions, attributes, args.seed, args.hard_negatives, args.patterns)
             captions, negatives = [*captions, *swapped], torch.tensor(valid, device=accelerator.device)
         tok = tokenize_captions(tokenizer, captions)
         return model(batch["pixel_values"].to(accelerator.device), tok.input_ids.to(accelerator.device),

@@ -220,6 +220,39 @@ def test_swap_attributes_binds_each_word_to_the_other_tag_and_never_returns_the_
     assert hard_negatives(captions, attrs, seed=3, count=2) == (negatives, valid)  # drawn alike on resume
 
 
+def test_pattern_negatives_replace_the_pattern_word_and_come_first():
+    import random
+
+    from training.train_clip import hard_negatives, parse_args, replace_patterns
+
+    patterns = ("striped", "plaid", "polka dot")
+    caption = "1girl, red kimono, striped kimono, blue sash"
+    every = {"1girl, red kimono, plaid kimono, blue sash", "1girl, red kimono, polka dot kimono, blue sash"}
+    assert {replace_patterns(caption, patterns, random.Random(s))[0] for s in range(40)} == every
+    assert set(replace_patterns(caption, patterns, random.Random(0), count=5)) == every
+    assert set(replace_patterns("1girl, polka dot dress", patterns, random.Random(0), count=5)) == {
+        "1girl, striped dress", "1girl, plaid dress"}  # a pattern of two words
+    # no pattern named, or every replacement already a tag of the caption: none
+    assert replace_patterns("1girl, red kimono", patterns, random.Random(0)) == []
+    assert replace_patterns("striped dress, plaid dress, polka dot dress", patterns, random.Random(0)) == []
+    assert replace_patterns(caption, (), random.Random(0)) == []
+    # in hard_negatives: the replacements first, then the swaps; without patterns the draws of before
+    attrs = frozenset({"red", "blue", "striped", "plaid"})
+    negatives, valid = hard_negatives([caption, "red hair, blue dress"], attrs, seed=3, count=3, patterns=patterns)
+    assert valid == [[True, True], [True, False], [True, False]]
+    assert {negatives[0], negatives[2]} == every  # blocks 1 and 2 hold the first caption's two replacements
+    assert negatives[4] not in every and negatives[4] != caption  # then a swap
+    assert negatives[1] == "blue hair, red dress"  # no pattern: the swap, as without --pattern-words
+    assert hard_negatives([caption], attrs, seed=3, count=2) == hard_negatives([caption], attrs, seed=3, count=2,
+                                                                                patterns=())
+    args = parse_args(["--data", "d", "--output-dir", "o", "--hard-negatives", "4", "--pattern-words",
+                       "striped, plaid,polka_dot"])
+    assert args.patterns == patterns
+    for bad in (["--pattern-words", "striped,plaid"], ["--hard-negatives", "2", "--pattern-words", "striped"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--data", "d", "--output-dir", "o", *bad])
+
+
 def test_hard_negatives_loss_is_clips_without_them_and_larger_with_them(family, toybooru):
     from transformers import CLIPModel, CLIPTokenizer
 
