@@ -136,18 +136,24 @@ def composition_set(root: Path, records, rng: random.Random, samples: int, domai
     return prompts, refs, truths
 
 
+def reconstruction_draw(test: list[dict], rng: random.Random, samples: int) -> list[tuple[dict, list[dict]]]:
+    """Up to ``samples`` reconstruction targets (test pictures of clusters of at least 5), each with 4 other
+    pictures of its cluster, drawn by ``rng`` target after target."""
+    clusters: dict[str, list[dict]] = defaultdict(list)
+    for r in test:
+        clusters[r["cluster"]].append(r)
+    targets = [r for r in test if len(clusters[r["cluster"]]) >= 5]
+    return [(r, rng.sample([o for o in clusters[r["cluster"]] if o["id"] != r["id"]], 4))
+            for r in rng.sample(targets, min(samples, len(targets)))]
+
+
 def reconstruction_figures(pipe, judge, root: Path, test: list[dict], rng: random.Random, samples: int, seed: int,
                            report_dir: Path | None = None, **sampling) -> dict[str, Any]:
     """Reconstruction: 4 figure references from the target's own cluster; and its control, the same prompts and
     noise with the previous target's references (what the judge then finds of each target's own character and
     outfit owes nothing to its references: chance, or the model's habits)."""
-    clusters: dict[str, list[dict]] = defaultdict(list)
-    for r in test:
-        clusters[r["cluster"]].append(r)
-    targets = [r for r in test if len(clusters[r["cluster"]]) >= 5]
     prompts, refs, truths = [], [], []
-    for r in rng.sample(targets, min(samples, len(targets))):
-        others = rng.sample([o for o in clusters[r["cluster"]] if o["id"] != r["id"]], 4)
+    for r, others in reconstruction_draw(test, rng, samples):
         refs.append([reference(root, o, "figure") for o in others])
         prompts.append(neutral_prompt(r))
         truths.append(r["truth"])
@@ -228,6 +234,12 @@ def base_figures(base, judge, root: Path, chosen: list[dict], seed: int, guidanc
             **per_attribute(pred, truths, ("hair_color", "eye_color", "cloth_color", "hair_style", "pattern"))}
 
 
+def test_pixels(root: Path, chosen: list[dict]) -> torch.Tensor:
+    """The records' pictures at the report's size, as a (N, 3, SIZE, SIZE) tensor in [-1, 1]."""
+    return torch.stack([torch.from_numpy(np.array(open_record(root, r)[0].resize((SIZE, SIZE)))).permute(2, 0, 1)
+                        for r in chosen]).float().div(127.5).sub(1.0)
+
+
 @torch.no_grad()
 def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: random.Random,
                 pictures: int = VAE_PICTURES) -> dict[str, Any]:
@@ -237,8 +249,7 @@ def vae_ceiling(vae_folder: Path, judge, root: Path, test: list[dict], rng: rand
 
     vae = load_vae(vae_folder).eval()
     chosen = rng.sample(test, min(pictures, len(test)))
-    real = torch.stack([torch.from_numpy(np.array(open_record(root, r)[0].resize((SIZE, SIZE))))
-                        .permute(2, 0, 1) for r in chosen]).float().div(127.5).sub(1.0)
+    real = test_pixels(root, chosen)
     recon = torch.cat([vae.decode(vae.encode(real[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
                        for i in range(0, len(real), 64)])
     truths = [r["truth"] for r in chosen]
@@ -568,9 +579,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       args.guidance_scale, args.retrieval_scale)
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
+    return print_figures(figures, args.json)
+
+
+def print_figures(figures: dict[str, Any], path: str | None = None) -> dict[str, Any]:
+    """Print ``figures`` as JSON, and write them to ``path`` too when given; return them."""
     text = json.dumps(figures, indent=1)
-    if args.json:
-        Path(args.json).write_text(text)
+    if path:
+        Path(path).write_text(text)
     print(text)
     return figures
 

@@ -22,13 +22,10 @@ attributes hair, eye and outfit colour and pattern):
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from training.data.retribooru import open_record, prompt_from_tags, read_annotations
@@ -37,11 +34,6 @@ ATTRIBUTES = ("hair_color", "eye_color", "cloth_color", "pattern")
 SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5)
 STRENGTHS = (0.1, 0.2, 0.4)
 TIMESTEPS = (50, 150, 300, 500, 700)
-
-
-def _pixels(root: Path, chosen: list[dict], size: int) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(open_record(root, r)[0].resize((size, size)))).permute(2, 0, 1)
-                        for r in chosen]).float().div(127.5).sub(1.0)
 
 
 def _read(judge, pixels_or_images, truths) -> dict[str, float]:
@@ -137,7 +129,7 @@ def probe(out: Path, work: Path, base_dir: Path | None = None, pipeline_dir: Pat
 
     from pipelines.metrics.attributes import AttributeClassifier
     from pipelines.retrinet import RetriNetPipeline
-    from training.demo_report import SIZE, base_folder, neutral_prompt, reference
+    from training.demo_report import SIZE, base_folder, neutral_prompt, reconstruction_draw, reference, test_pixels
 
     out, work = Path(out), Path(work)
     root = work / "toybooru"
@@ -157,7 +149,7 @@ def probe(out: Path, work: Path, base_dir: Path | None = None, pipeline_dir: Pat
     truths = [r["truth"] for r in chosen]
     base = StableDiffusionPipeline.from_pretrained(base_dir or base_folder(out, work), safety_checker=None)
     base.set_progress_bar_config(disable=True)
-    pixels = _pixels(root, chosen, SIZE)
+    pixels = test_pixels(root, chosen)
     figures: dict[str, Any] = {"pictures": samples, "real": _read(judge, pixels, truths)}
     figures["decoder"] = decoder_under_noise(base.vae, judge, pixels, truths, seed=seed)
     images = [open_record(root, r)[0].resize((SIZE, SIZE)) for r in chosen]
@@ -168,20 +160,16 @@ def probe(out: Path, work: Path, base_dir: Path | None = None, pipeline_dir: Pat
     figures["x0"] = one_step_x0(lambda z, t: base.unet(z, t, encoder_hidden_states=text).sample, base.vae,
                                 base.scheduler, judge, latents, truths, seed=seed)
 
-    # RetriNet on the report's reconstruction targets: clusters of at least 5 test pictures
+    # RetriNet on reconstruction targets drawn as the report draws them
     pipe = RetriNetPipeline.from_pretrained(pipeline_dir or out / "retrinet")
-    clusters: dict[str, list[dict]] = defaultdict(list)
-    for r in test:
-        clusters[r["cluster"]].append(r)
-    targets = [r for r in test if len(clusters[r["cluster"]]) >= 5]
-    chosen = rng.sample(targets, min(samples, len(targets)))
+    drawn = reconstruction_draw(test, rng, samples)
+    chosen = [r for r, _ in drawn]
     truths = [r["truth"] for r in chosen]
     groups = {"self": [[reference(root, r, "figure")] for r in chosen],
-              "others": [[reference(root, o, "figure") for o in rng.sample(
-                  [o for o in clusters[r["cluster"]] if o["id"] != r["id"]], 4)] for r in chosen]}
+              "others": [[reference(root, o, "figure") for o in others] for _, others in drawn]}
     device = torch.device("cpu")
     with torch.no_grad():
-        pixels = _pixels(root, chosen, SIZE)
+        pixels = test_pixels(root, chosen)
         latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
         text = pipe.encode_prompt([neutral_prompt(r) for r in chosen], device, 1, False)[0]
     figures["self_reference"] = {"pictures": len(chosen)}
@@ -203,16 +191,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures here too")
     args = p.parse_args(argv)
+    from training.demo_report import print_figures
+
     try:
         figures = probe(Path(args.out), Path(args.work), args.base and Path(args.base),
                         args.pipeline and Path(args.pipeline), args.samples, args.seed)
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
-    text = json.dumps(figures, indent=1)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
-    return figures
+    return print_figures(figures, args.json)
 
 
 if __name__ == "__main__":
